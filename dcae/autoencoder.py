@@ -1,0 +1,238 @@
+"""The DC-AE encoder, decoder and autoencoder, built from a typed config."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn as nn
+
+from dcae.nn import (
+    ConvPixelShuffle,
+    ConvPixelUnshuffle,
+    DownsampleBlock,
+    LatentProjectIn,
+    LatentProjectOut,
+    UpsampleBlock,
+    build_act,
+    build_block,
+    build_norm,
+)
+
+
+def _per_stage(value: str | tuple | list, stages: int, what: str) -> tuple:
+    """A single value for all stages, or one per stage."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != stages:
+            raise ValueError(f"{what} has {len(value)} entries for {stages} stages")
+        return tuple(value)
+    return (value,) * stages
+
+
+@dataclass
+class EncoderConfig:
+    width_list: tuple[int, ...] = (128, 256, 512, 512, 1024, 1024)  # one stage per width; f = 2^(stages-1)
+    depth_list: tuple[int, ...] = (0, 4, 8, 2, 2, 2)  # blocks per stage; an empty stage 0 means a strided stem
+    block_type: tuple[str, ...] = ("ResBlock",) * 3 + ("EViT_GLU",) * 3  # convs at high resolution, attention deep
+    norm: str = "rms2d"  # RMSNorm over channels: no batch statistics, so inference matches training at any batch
+    act: str = "silu"
+    downsample_shortcut: str | None = "averaging"  # residual autoencoding: space-to-channel then channel averaging
+    out_shortcut: bool = True  # the latent is learned as a residual to the channel-averaged last stage
+
+
+@dataclass
+class DecoderConfig:
+    width_list: tuple[int, ...] = (128, 256, 512, 512, 1024, 1024)
+    depth_list: tuple[int, ...] = (0, 5, 10, 2, 2, 2)  # the decoder is deeper: it carries the reconstruction
+    block_type: tuple[str, ...] = ("ResBlock",) * 3 + ("EViT_GLU",) * 3
+    norm: tuple[str, ...] = ("bn2d",) * 3 + ("rms2d",) * 3  # published in/mix models use BatchNorm in stages 0-2
+    act: tuple[str, ...] = ("relu",) * 3 + ("silu",) * 3
+    upsample_shortcut: str | None = "duplicating"  # residual autoencoding: channel duplication then channel-to-space
+    in_shortcut: bool = True  # the first feature map is learned as a residual to the duplicated latent
+    out_norm: str = "rms2d"  # decoder head: norm -> act -> conv (-> pixel shuffle); no tanh
+    out_act: str = "relu"
+
+
+@dataclass
+class DCAEConfig:
+    name: str = "custom"  # preset name, recorded in checkpoints
+    in_channels: int = 3
+    latent_channels: int = 32
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    attention_head_dim: int = 32  # LiteMLA head width; heads = channels / 32
+    scaling_factor: float | None = None  # 1 / RMS of latents, applied by diffusion code; None where unpublished
+
+    @property
+    def spatial_factor(self) -> int:
+        return 2 ** (len(self.encoder.width_list) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DCAEConfig":
+        """Rebuild from `to_dict()`; unknown keys are an error (a typo in a config must not pass silently)."""
+        d = dict(d)
+        encoder = _dataclass_from_dict(EncoderConfig, d.pop("encoder", {}), "encoder")
+        decoder = _dataclass_from_dict(DecoderConfig, d.pop("decoder", {}), "decoder")
+        top = _dataclass_from_dict(cls, d, "config", skip=("encoder", "decoder"))
+        return dataclasses.replace(top, encoder=encoder, decoder=decoder)
+
+
+def _dataclass_from_dict(cls, d: dict, where: str, skip: tuple[str, ...] = ()):
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected an object, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)} - set(skip)
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return cls(**kwargs)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig, in_channels: int, latent_channels: int, head_dim: int):
+        super().__init__()
+        widths, depths = cfg.width_list, cfg.depth_list
+        n = len(widths)
+        if len(depths) != n:
+            raise ValueError(f"encoder: {len(depths)} depths for {n} widths")
+        block_types = _per_stage(cfg.block_type, n, "encoder.block_type")
+        # Stem: a 3x3 conv, or (empty stage 0) a strided conv + pixel unshuffle straight to stage 1's width.
+        if depths[0] > 0:
+            self.project_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
+        else:
+            self.project_in = ConvPixelUnshuffle(in_channels, widths[1])
+        self.stages = nn.ModuleList()
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            blocks = [build_block(block_types[i], width, cfg.norm, cfg.act, head_dim) for _ in range(depth)]
+            if i < n - 1 and depth > 0:
+                blocks.append(DownsampleBlock(width, widths[i + 1], shortcut=cfg.downsample_shortcut))
+            self.stages.append(nn.Sequential(*blocks))
+        self.project_out = LatentProjectOut(widths[-1], latent_channels, shortcut=cfg.out_shortcut)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.project_in(x)  # (B, C0, H, W) or (B, C1, H/2, W/2)
+        for stage in self.stages:
+            x = stage(x)  # each non-final stage halves H, W
+        return self.project_out(x)  # (B, c, H/f, W/f)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig, out_channels: int, latent_channels: int, head_dim: int):
+        super().__init__()
+        widths, depths = cfg.width_list, cfg.depth_list
+        n = len(widths)
+        if len(depths) != n:
+            raise ValueError(f"decoder: {len(depths)} depths for {n} widths")
+        block_types = _per_stage(cfg.block_type, n, "decoder.block_type")
+        norms = _per_stage(cfg.norm, n, "decoder.norm")
+        acts = _per_stage(cfg.act, n, "decoder.act")
+        self.project_in = LatentProjectIn(latent_channels, widths[-1], shortcut=cfg.in_shortcut)
+        # Stages are stored shallow-to-deep (index = resolution level) like the encoder, and run deep-to-shallow.
+        stages: list[nn.Module] = [nn.Sequential()] * n
+        for i in reversed(range(n)):
+            blocks: list[nn.Module] = []
+            if i < n - 1 and depths[i] > 0:
+                blocks.append(UpsampleBlock(widths[i + 1], widths[i], shortcut=cfg.upsample_shortcut))
+            blocks += [build_block(block_types[i], widths[i], norms[i], acts[i], head_dim) for _ in range(depths[i])]
+            stages[i] = nn.Sequential(*blocks)
+        self.stages = nn.ModuleList(stages)
+        head_width = widths[0] if depths[0] > 0 else widths[1]
+        self.norm_out = build_norm(cfg.out_norm, head_width)
+        self.act_out = build_act(cfg.out_act)
+        if depths[0] > 0:
+            self.project_out = nn.Conv2d(head_width, out_channels, 3, padding=1)
+        else:
+            self.project_out = ConvPixelShuffle(head_width, out_channels)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.project_in(z)  # (B, C_last, h, w)
+        for stage in reversed(self.stages):
+            x = stage(x)  # each non-final stage doubles H, W
+        return self.project_out(self.act_out(self.norm_out(x)))  # (B, 3, H, W)
+
+
+class DCAE(nn.Module):
+    """Deep Compression Autoencoder: `encode` images in [-1, 1] to raw latents, `decode` latents back."""
+
+    def __init__(self, config: DCAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config.encoder, config.in_channels, config.latent_channels, config.attention_head_dim)
+        self.decoder = Decoder(config.decoder, config.in_channels, config.latent_channels, config.attention_head_dim)
+        if config.spatial_factor != 2 ** (len(config.decoder.width_list) - 1):
+            raise ValueError("encoder and decoder must have the same number of stages")
+
+    @property
+    def spatial_factor(self) -> int:
+        return self.config.spatial_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.latent_channels
+
+    @property
+    def scaling_factor(self) -> float | None:
+        return self.config.scaling_factor
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    def _check_input(self, x: torch.Tensor, channels: int, factor: int, what: str) -> None:
+        if x.ndim != 4 or x.shape[1] != channels:
+            raise ValueError(f"{what}: expected (B, {channels}, H, W), got {tuple(x.shape)}")
+        if x.shape[-2] % factor or x.shape[-1] % factor:
+            raise ValueError(f"{what}: H and W must be multiples of {factor}, got {tuple(x.shape[-2:])}")
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> raw latent (B, c, H/f, W/f) (not multiplied by scaling_factor)."""
+        self._check_input(x, self.config.in_channels, self.spatial_factor, "encode")
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latent (B, c, h, w) -> (B, 3, h*f, w*f), roughly in [-1, 1] (not clamped)."""
+        self._check_input(z, self.latent_channels, 1, "decode")
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    # --- parameter groups used by the training phases --------------------------------------------------------------
+    def latent_adaptation_parameters(self) -> Iterator[nn.Parameter]:
+        """Phase 2 (high-resolution latent adaptation): the layers next to the latent. The encoder's deepest stage and
+        output projection, the decoder's input projection and deepest stage: these see the latent's low-resolution
+        context, the part of the model whose behaviour changes when images (and so latents) get larger."""
+        deepest_encoder = _deepest_nonempty(self.encoder.stages)
+        deepest_decoder = _deepest_nonempty(self.decoder.stages)
+        for module in (deepest_encoder, self.encoder.project_out, self.decoder.project_in, deepest_decoder):
+            yield from module.parameters()
+
+    def decoder_head_parameters(self) -> Iterator[nn.Parameter]:
+        """Phase 3 (local refinement): the decoder head, output norm and the last conv (+ pixel shuffle)."""
+        yield from self.decoder.norm_out.parameters()
+        yield from self.decoder.project_out.parameters()
+
+    # --- checkpoints --------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | Path, **kwargs: Any) -> "DCAE":
+        """Load a dcae, diffusers or efficientvit checkpoint: a file, a directory, or a Hugging Face Hub id."""
+        from dcae.weights import load_pretrained
+
+        return load_pretrained(path_or_id, **kwargs)
+
+    def save_pretrained(self, directory: str | Path, format: str = "dcae") -> Path:
+        """Write the weights (and config) in the `dcae`, `diffusers` or `efficientvit` layout; returns the directory."""
+        from dcae.weights import save_pretrained
+
+        return save_pretrained(self, directory, format=format)
+
+
+def _deepest_nonempty(stages: nn.ModuleList) -> nn.Module:
+    for stage in reversed(stages):
+        if len(stage) > 0:
+            return stage
+    raise ValueError("model has no non-empty stage")

@@ -1,0 +1,132 @@
+"""Every preset in the registry: structure, forward/backward, shortcuts, and the published facts."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dcae
+from dcae.autoencoder import DCAE
+from dcae.nn import channel_to_space_shortcut, space_to_channel_shortcut
+from dcae.presets import get_config, published_presets
+
+TINY = [n for n in dcae.list_presets() if "tiny" in n]
+ALL = dcae.list_presets()
+
+
+def meta_model(name: str) -> DCAE:
+    with torch.device("meta"):
+        return dcae.create_model(name)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_preset_builds_with_consistent_factor(name):
+    model = meta_model(name)
+    config = model.config
+    assert config.name == name
+    assert model.spatial_factor == 2 ** (len(config.encoder.width_list) - 1)
+    assert model.latent_channels == config.latent_channels
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_forward_backward(name):
+    model = dcae.create_model(name)
+    f = model.spatial_factor
+    x = torch.rand(2, 3, 2 * f, 3 * f) * 2 - 1
+    z = model.encode(x)
+    assert z.shape == (2, model.latent_channels, 2, 3)
+    y = model.decode(z)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    (y - x).abs().mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads), "every parameter takes part in the forward pass"
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_encode_rejects_bad_shapes():
+    model = dcae.create_model("dc-ae-tiny-f32c32")
+    with pytest.raises(ValueError, match="multiples of 32"):
+        model.encode(torch.zeros(1, 3, 40, 64))
+    with pytest.raises(ValueError, match="expected"):
+        model.decode(torch.zeros(1, 3, 2, 2))
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if not n.endswith(("-plain", "-conv-shortcut"))])
+def test_plain_twin_differs_only_in_shortcuts(name):
+    base, plain = meta_model(name), meta_model(name + "-plain")
+    # The residual-autoencoding shortcuts are parameter-free: same tensors, same shapes.
+    assert {k: v.shape for k, v in base.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    b, p = get_config(name), get_config(name + "-plain")
+    assert (b.encoder.downsample_shortcut, b.encoder.out_shortcut) == ("averaging", True)
+    assert (p.encoder.downsample_shortcut, p.encoder.out_shortcut) == (None, False)
+    assert (p.decoder.upsample_shortcut, p.decoder.in_shortcut) == (None, False)
+    assert b.encoder.width_list == p.encoder.width_list and b.decoder.depth_list == p.decoder.depth_list
+
+
+def test_plain_twin_changes_outputs_with_the_same_weights():
+    base = dcae.create_model("dc-ae-tiny-f32c32").eval()
+    plain = dcae.create_model("dc-ae-tiny-f32c32-plain").eval()
+    plain.load_state_dict(base.state_dict())
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert not torch.allclose(base.encode(x), plain.encode(x))
+
+
+def test_shortcuts_are_space_to_channel_and_back():
+    x = torch.arange(2 * 4 * 4 * 4, dtype=torch.float32).reshape(2, 4, 4, 4)
+    down = space_to_channel_shortcut(x, out_channels=8)  # 4*4 = 16 channels averaged in pairs
+    unshuffled = torch.nn.functional.pixel_unshuffle(x, 2)
+    assert torch.equal(down, (unshuffled[:, 0::2] + unshuffled[:, 1::2]) / 2)
+    up = channel_to_space_shortcut(down, out_channels=4)  # duplicate 8 -> 16, then pixel shuffle
+    assert up.shape == x.shape
+    assert torch.equal(up, torch.nn.functional.pixel_shuffle(down.repeat_interleave(2, dim=1), 2))
+    # Duplication followed by averaging is the identity: the shortcuts pass the signal through unchanged.
+    assert torch.equal(space_to_channel_shortcut(channel_to_space_shortcut(down, 4), 8), down)
+
+
+def test_published_f32c32_size_matches_reference():
+    state = meta_model("dc-ae-f32c32-in-1.0").state_dict()
+    assert len(state) == 338  # efficientvit's model.safetensors has 338 tensors
+    total = sum(v.numel() for v in state.values())
+    assert round(total / 1e6, 1) == 323.4
+
+
+@pytest.mark.parametrize("name", published_presets())
+def test_published_presets_carry_scaling_factor(name):
+    assert get_config(name).scaling_factor is not None
+
+
+def test_tiny_presets_are_small():
+    for name in ("dc-ae-tiny-f32c32", "dc-ae-tiny-f64c128"):
+        params = sum(p.numel() for p in meta_model(name).parameters())
+        assert 1e6 < params < 20e6
+
+
+def test_create_model_overrides_and_unknown():
+    model = dcae.create_model("dc-ae-tiny-f32c32", scaling_factor=0.5)
+    assert model.scaling_factor == 0.5
+    with pytest.raises(KeyError, match="unknown preset"):
+        dcae.create_model("dc-ae-f16c999")
+
+
+def test_linear_and_quadratic_attention_agree():
+    from dcae.nn import relu_linear_attention, relu_quadratic_attention
+
+    qkv = torch.randn(2, 3 * 32 * 2, 4, 5)
+    assert torch.allclose(relu_linear_attention(qkv, 32), relu_quadratic_attention(qkv, 32), atol=1e-4, rtol=1e-4)
+
+
+def test_attention_stays_fp32_under_fp16_inputs():
+    from dcae.nn import relu_linear_attention
+
+    qkv = (torch.rand(1, 96, 16, 16) * 200).half()  # sums of 256 products of ~1e4 overflow fp16
+    out = relu_linear_attention(qkv, 32)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_config_roundtrip_and_unknown_keys():
+    config = get_config("dc-ae-f32c32-sana-1.0")
+    assert dcae.DCAEConfig.from_dict(config.to_dict()) == config
+    d = config.to_dict()
+    d["encoder"]["widht_list"] = [1]
+    with pytest.raises(ValueError, match="unknown keys"):
+        dcae.DCAEConfig.from_dict(d)

@@ -1,0 +1,207 @@
+"""Checkpoint layouts: round trips, key maps, strictness, and hostile or broken files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import dcae
+from dcae.autoencoder import DCAE
+from dcae.cli import main
+from dcae.errors import DCAEError
+from dcae.weights import diffusers_keys, efficientvit_key, read_safetensors, to_diffusers
+
+
+def tiny(name: str = "dc-ae-tiny-f32c32") -> DCAE:
+    model = dcae.create_model(name).eval()
+    with torch.no_grad():  # non-trivial norm statistics so that a dropped buffer would show
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def assert_same_state(a: DCAE, b: DCAE) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("fmt", ["dcae", "efficientvit", "diffusers"])
+@pytest.mark.parametrize("name", ["dc-ae-tiny-f32c32", "dc-ae-tiny-f64c128"])
+def test_roundtrip_every_format(tmp_path, fmt, name):
+    model = tiny(name)
+    model.save_pretrained(tmp_path, format=fmt)
+    loaded = DCAE.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    assert_same_state(model, loaded)
+
+
+def test_single_file_carries_its_config(tmp_path):
+    model = tiny()
+    model.save_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    assert DCAE.from_pretrained(tmp_path / "model.safetensors").config == model.config
+
+
+@pytest.mark.parametrize("name", [n for n in dcae.list_presets() if not n.endswith("-conv-shortcut")])
+def test_key_maps_are_one_to_one(name):
+    with torch.device("meta"):
+        model = dcae.create_model(name)
+    keys = list(model.state_dict())
+    evit = [efficientvit_key(k, model.config) for k in keys]
+    assert len(set(evit)) == len(keys)
+    diff = [d for k in keys for d in diffusers_keys(k)]
+    assert len(set(diff)) == len(diff)
+
+
+def test_efficientvit_names_match_reference_layout():
+    with torch.device("meta"):
+        model = dcae.create_model("dc-ae-f32c32-in-1.0")
+    evit = {efficientvit_key(k, model.config) for k in model.state_dict()}
+    # Spot checks against names in mit-han-lab/dc-ae-f32c32-in-1.0/model.safetensors.
+    for key in [
+        "encoder.project_in.conv.conv.weight",
+        "encoder.stages.1.op_list.0.main.conv1.conv.weight",
+        "encoder.stages.1.op_list.4.main.conv.conv.bias",
+        "encoder.stages.3.op_list.0.context_module.main.qkv.conv.weight",
+        "encoder.stages.3.op_list.0.context_module.main.proj.norm.weight",
+        "encoder.stages.3.op_list.0.local_module.main.point_conv.norm.bias",
+        "encoder.project_out.main.op_list.0.conv.weight",
+        "decoder.project_in.main.conv.weight",
+        "decoder.stages.1.op_list.0.main.conv.conv.weight",
+        "decoder.stages.2.op_list.1.main.conv2.norm.running_var",
+        "decoder.project_out.op_list.0.weight",
+        "decoder.project_out.op_list.2.conv.conv.weight",
+    ]:
+        assert key in evit, key
+
+
+def test_efficientvit_checkpoint_without_config_is_recognised(tmp_path):
+    model = tiny()
+    from dcae.weights import to_efficientvit
+
+    save_file({k: v.contiguous() for k, v in to_efficientvit(model.state_dict(), model.config).items()},
+              str(tmp_path / "model.safetensors"))  # no metadata, no config.json: as the original release
+    loaded = DCAE.from_pretrained(tmp_path)
+    assert loaded.config.name == "dc-ae-tiny-f32c32"
+    assert_same_state(model, loaded)
+
+
+def test_efficientvit_pickle_release_needs_allow_pickle(tmp_path):
+    model = tiny()
+    from dcae.weights import to_efficientvit
+
+    path = tmp_path / "model.pt"
+    torch.save({"state_dict": to_efficientvit(model.state_dict(), model.config)}, path)
+    with pytest.raises(DCAEError, match="pickle checkpoints are not loaded by default"):
+        DCAE.from_pretrained(path)
+    assert_same_state(model, DCAE.from_pretrained(path, allow_pickle=True))
+
+
+def test_hostile_pickle_is_refused_even_with_allow_pickle(tmp_path):
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("open('pwned', 'w').write('x')",))
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(DCAEError, match="refused or unreadable"):
+        DCAE.from_pretrained(path, allow_pickle=True)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_truncated_file(tmp_path):
+    tiny().save_pretrained(tmp_path)
+    blob = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(DCAEError, match="not a readable safetensors file"):
+        DCAE.from_pretrained(tmp_path)
+
+
+def test_garbage_and_empty_files(tmp_path):
+    for content in (b"", b"hello world, not a checkpoint", b"\xff" * 64):
+        path = tmp_path / "model.safetensors"
+        path.write_bytes(content)
+        with pytest.raises(DCAEError, match=str(path)):
+            DCAE.from_pretrained(path)
+
+
+def test_missing_unexpected_and_misshaped_keys(tmp_path):
+    model = tiny()
+    model.save_pretrained(tmp_path)
+    state, metadata = read_safetensors(tmp_path / "model.safetensors")
+    path = tmp_path / "broken.safetensors"
+
+    dropped = dict(state)
+    dropped.pop("decoder.project_in.conv.weight")
+    save_file(dropped, str(path), metadata=metadata)
+    with pytest.raises(DCAEError, match="1 missing key.*decoder.project_in.conv.weight"):
+        DCAE.from_pretrained(path)
+
+    extra = dict(state, **{"encoder.extra.weight": torch.zeros(1)})
+    save_file(extra, str(path), metadata=metadata)
+    with pytest.raises(DCAEError, match="unexpected key.*encoder.extra.weight"):
+        DCAE.from_pretrained(path)
+
+    misshaped = dict(state, **{"encoder.project_out.conv.bias": torch.zeros(7)})
+    save_file(misshaped, str(path), metadata=metadata)
+    with pytest.raises(DCAEError, match="wrong shape.*encoder.project_out.conv.bias"):
+        DCAE.from_pretrained(path)
+
+
+def test_config_metadata_with_bad_json(tmp_path):
+    tiny().save_pretrained(tmp_path)
+    state, metadata = read_safetensors(tmp_path / "model.safetensors")
+    save_file(state, str(tmp_path / "x.safetensors"), metadata=dict(metadata, dcae_config="{not json"))
+    with pytest.raises(DCAEError, match="invalid dcae config"):
+        DCAE.from_pretrained(tmp_path / "x.safetensors")
+
+
+def test_offline_hub_id_gives_one_line_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DCAEError) as info:
+        DCAE.from_pretrained("mit-han-lab/dc-ae-f32c32-in-1.0")
+    message = str(info.value)
+    assert "mit-han-lab/dc-ae-f32c32-in-1.0" in message and "local directory" in message and "\n" not in message
+
+
+def test_missing_path():
+    with pytest.raises(DCAEError, match="no such file"):
+        DCAE.from_pretrained("/nonexistent/dir/model.safetensors")
+
+
+def test_diffusers_rejects_ablation_twins(tmp_path):
+    with pytest.raises(DCAEError, match="cannot be written in the diffusers layout"):
+        dcae.create_model("dc-ae-tiny-f32c32-plain").save_pretrained(tmp_path, format="diffusers")
+
+
+def test_qkv_split_layout():
+    model = tiny()
+    state = model.state_dict()
+    key = next(k for k in state if k.endswith("attn.qkv.weight"))
+    out = to_diffusers({key: state[key]})
+    q, k, v = (out[n] for n in diffusers_keys(key))
+    assert torch.equal(torch.cat([q, k, v]), state[key].flatten(1))
+
+
+def test_convert_cli_roundtrip(tmp_path, capsys):
+    model = tiny()
+    model.save_pretrained(tmp_path / "src")
+    for fmt in ("diffusers", "efficientvit", "dcae"):
+        assert main(["convert", str(tmp_path / "src"), str(tmp_path / fmt), "--to", fmt]) == 0
+        assert_same_state(model, DCAE.from_pretrained(tmp_path / fmt))
+    assert json.loads((tmp_path / "diffusers" / "config.json").read_text())["_class_name"] == "AutoencoderDC"
+
+
+def test_convert_cli_bad_input_is_one_line(tmp_path, capsys):
+    (tmp_path / "bad.safetensors").write_bytes(b"junk")
+    assert main(["convert", str(tmp_path / "bad.safetensors"), str(tmp_path / "out"), "--to", "dcae"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dcae convert: error:") and "bad.safetensors" in err and "\n" not in err
