@@ -567,3 +567,22 @@ def save_pretrained(model: DCAE, directory: str | Path, format: str = "dcae",
     except OSError as error:
         raise DCAEError(f"{directory}: cannot write checkpoint ({error.strerror or error})") from None
     return directory
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The embedded default model
+# ----------------------------------------------------------------------------------------------------------------------
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default-f32c32"
+
+
+def default_model_path() -> Path | None:
+    """The small model shipped inside the package (see its MODEL_CARD.md), or None if this install lacks it."""
+    return DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / DCAE_WEIGHTS).exists() else None
+
+
+def load_default_model() -> DCAE:
+    path = default_model_path()
+    if path is None:
+        raise DCAEError("this dcae install has no embedded default model; pass --model DIR (a save_pretrained "
+                        "directory, a checkpoint file or a Hub id)")
+    return load_pretrained(path)

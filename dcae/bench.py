@@ -1,0 +1,265 @@
+"""`dcae bench ae`: dcae and diffusers' AutoencoderDC on the same weights, encode and decode, in one run.
+
+Every row reports images/s, its ratio to diffusers fp32 for the same op and resolution, achieved GFLOP/s (FLOPs counted
+with torch.utils.flop_counter) as a fraction of a GEMM peak measured in the same run for that dtype, peak memory, and
+the output difference against diffusers fp32 (max abs diff and PSNR). Times are the median of --repeats runs after
+--warmup runs; absolute numbers on a shared machine mean little, ratios from one run mean more.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dcae.inference import DTYPES, InferenceOptions, decode, encode, prepare_model, resolve_device
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="dc-ae-f32c32-in-1.0", help="model preset (random weights)")
+    parser.add_argument("--model", help="a checkpoint to use instead of random weights")
+    parser.add_argument("--resolution", type=int, nargs="+", default=[256])
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--ops", nargs="+", choices=["encode", "decode"], default=["encode", "decode"])
+    parser.add_argument("--compare", choices=["diffusers", "none"], default="diffusers")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile dcae's encoder/decoder")
+    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--md", help="write a markdown table here (e.g. docs/speed.md)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Measurement helpers
+# ----------------------------------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int) -> float:
+    """Median seconds of `fn` over `repeats` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
+    """Peak memory above the baseline during one call: CUDA allocator peak, or sampled RSS on CPU."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    if not os.path.exists("/proc/self/statm"):
+        return -1
+    base, peak, done = _rss_bytes(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], _rss_bytes()) - base
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def gemm_peak_gflops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+    """Achieved GFLOP/s of a square matmul: the practical ceiling that convolutions are compared with."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    seconds = time_call(lambda: a @ b, device, repeats=repeats, warmup=2)
+    return 2 * size**3 / seconds / 1e9
+
+
+def psnr_against(reference: torch.Tensor, output: torch.Tensor) -> float:
+    """PSNR with the reference's value range as the peak (2.0 for images in [-1, 1])."""
+    mse = (reference.float() - output.float()).square().mean().item()
+    peak = (reference.max() - reference.min()).item()
+    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+def build_models(args: argparse.Namespace):
+    import dcae
+    from dcae.autoencoder import DCAE
+
+    torch.manual_seed(0)
+    model = DCAE.from_pretrained(args.model) if args.model else dcae.create_model(args.preset)
+    with torch.no_grad():  # non-trivial norms, so that numerical differences are not hidden by identities
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    reference = None
+    if args.compare == "diffusers":
+        from diffusers import AutoencoderDC
+
+        from dcae.weights import diffusers_config, to_diffusers
+
+        config = {k: v for k, v in diffusers_config(model.config).items() if not k.startswith("_")}
+        reference = AutoencoderDC(**config)
+        reference.load_state_dict(to_diffusers(model.state_dict()), strict=True)
+        reference = reference.eval().to(resolve_device(args.device))
+    return model, reference
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    model, reference = build_models(args)
+    name = model.config.name
+    options = {dtype: InferenceOptions(dtype=dtype, device=str(device), channels_last=not args.no_channels_last,
+                                       compile=args.compile) for dtype in args.dtype}
+    fast = prepare_model(model, options[args.dtype[0]])
+    peaks = {dtype: gemm_peak_gflops(DTYPES[dtype], device) for dtype in args.dtype}
+    rows: list[dict[str, Any]] = []
+    for resolution in args.resolution:
+        x = torch.rand(args.batch_size, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        with torch.inference_mode():
+            if reference is not None:
+                z_ref = reference.encode(x.to(device)).latent
+                y_ref = reference.decode(z_ref).sample
+            else:  # no peer: compare against dcae's own fp32 output
+                z_ref = encode(fast, x, InferenceOptions(device=str(device)))
+                y_ref = decode(fast, z_ref, InferenceOptions(device=str(device)))
+        inputs = {"encode": x, "decode": z_ref.float().cpu()}
+        refs = {"encode": z_ref.float().cpu(), "decode": y_ref.float().cpu()}
+        def ours(op: str, opts: InferenceOptions) -> torch.Tensor:
+            return encode(fast, inputs[op], opts) if op == "encode" else decode(fast, inputs[op], opts)
+
+        def theirs(op: str) -> torch.Tensor:
+            value = inputs[op].to(device)
+            return reference.encode(value).latent if op == "encode" else reference.decode(value).sample
+
+        fp32 = InferenceOptions(device=str(device), channels_last=not args.no_channels_last)
+        flops = {op: count_flops(lambda op=op: ours(op, fp32)) / args.batch_size for op in args.ops}
+        for op in args.ops:
+            if reference is not None:
+                with torch.inference_mode():
+                    seconds = time_call(lambda: theirs(op), device, args.repeats, args.warmup)
+                    memory = peak_memory(lambda: theirs(op), device)
+                rows.append(_row("diffusers", op, "fp32", resolution, args.batch_size, seconds, memory, flops[op],
+                                 peaks.get("fp32") or gemm_peak_gflops(torch.float32, device)))
+            for dtype, opts in options.items():
+                seconds = time_call(lambda: ours(op, opts), device, args.repeats, args.warmup)
+                memory = peak_memory(lambda: ours(op, opts), device)
+                output = ours(op, opts).cpu()
+                row = _row("dcae", op, dtype, resolution, args.batch_size, seconds, memory, flops[op], peaks[dtype])
+                row["max_abs_diff"] = (output - refs[op]).abs().max().item()
+                row["psnr_vs_fp32"] = psnr_against(refs[op], output)
+                rows.append(row)
+        _add_ratios(rows)
+        for row in rows:
+            if row["resolution"] == resolution:
+                print(_line(row), flush=True)
+    result = {
+        "preset": name, "device": _device_name(device), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "batch_size": args.batch_size, "repeats": args.repeats,
+        "channels_last": not args.no_channels_last, "compile": args.compile,
+        "gemm_peak_gflops": peaks, "rows": rows,
+    }
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
+    if args.md:
+        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.md).write_text(markdown(result))
+    return 0
+
+
+def _row(impl, op, dtype, resolution, batch, seconds, memory, flops, peak) -> dict[str, Any]:
+    gflops_per_s = flops * batch / seconds / 1e9
+    return {"impl": impl, "op": op, "dtype": dtype, "resolution": resolution, "batch_size": batch,
+            "seconds": seconds, "images_per_s": batch / seconds, "peak_memory_mb": memory / 2**20,
+            "gflop_per_image": flops / 1e9, "gflop_per_s": gflops_per_s, "gemm_peak_gflop_per_s": peak,
+            "fraction_of_gemm_peak": gflops_per_s / peak}
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    base = {(r["op"], r["resolution"]): r["images_per_s"] for r in rows
+            if r["impl"] == "diffusers" and r["dtype"] == "fp32"}
+    for row in rows:
+        key = (row["op"], row["resolution"])
+        row["ratio_vs_diffusers_fp32"] = row["images_per_s"] / base[key] if key in base else None
+
+
+def _line(row: dict[str, Any]) -> str:
+    ratio = f"{row['ratio_vs_diffusers_fp32']:.2f}x" if row.get("ratio_vs_diffusers_fp32") else "-"
+    diff = f"  maxdiff {row['max_abs_diff']:.2e}  psnr {row['psnr_vs_fp32']:.1f} dB" if "max_abs_diff" in row else ""
+    return (f"{row['impl']:9s} {row['op']:6s} {row['dtype']:4s} {row['resolution']:5d}px  "
+            f"{row['images_per_s']:7.3f} img/s  {ratio:>6s}  {row['gflop_per_s']:7.1f} GFLOP/s "
+            f"({100 * row['fraction_of_gemm_peak']:.0f}% of GEMM)  {row['peak_memory_mb']:7.0f} MB{diff}")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def _jsonable(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else str(value)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"<!-- generated by `dcae bench ae`; do not edit by hand -->",
+        f"Preset `{result['preset']}`, {result['device']}, {result['threads']} threads, torch {result['torch']}, "
+        f"batch {result['batch_size']}, median of {result['repeats']}, channels_last={result['channels_last']}. "
+        f"GEMM peak measured in the same run: "
+        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in result["gemm_peak_gflops"].items()) + ".",
+        "",
+        "| impl | op | dtype | res | images/s | vs diffusers fp32 | GFLOP/image | GFLOP/s | of GEMM peak "
+        "| peak MB | max abs diff | PSNR vs fp32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        ratio = f"{r['ratio_vs_diffusers_fp32']:.2f}x" if r.get("ratio_vs_diffusers_fp32") else "-"
+        diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else "-"
+        psnr = f"{r['psnr_vs_fp32']:.1f} dB" if "psnr_vs_fp32" in r else "-"
+        lines.append(f"| {r['impl']} | {r['op']} | {r['dtype']} | {r['resolution']} | {r['images_per_s']:.3f} "
+                     f"| {ratio} | {r['gflop_per_image']:.0f} | {r['gflop_per_s']:.0f} "
+                     f"| {100 * r['fraction_of_gemm_peak']:.0f}% | {r['peak_memory_mb']:.0f} | {diff} | {psnr} |")
+    return "\n".join(lines) + "\n"

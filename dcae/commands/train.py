@@ -1,0 +1,134 @@
+"""`dcae train`: one phase (--phase 1|2|3) or the three-phase recipe, resumable, single process or under torchrun.
+
+    dcae train --preset dc-ae-tiny-f32c32 --data DIR --phase 1 --steps N --batch-size B --resolution R --run-dir RUN
+    dcae train --resume RUN --steps M
+    dcae train --recipe three-phase --preset NAME --data DIR --steps N --run-dir RUN [phase2.optim.lr=1e-5 ...]
+    torchrun --nproc_per_node=4 -m dcae.cli train ...   (DDP: nccl on GPUs, gloo on CPUs)
+
+Anything else is a dotted override of the TrainConfig, e.g. `optim.lr=1e-4 phase.resolution=256 ema_decay=0.999`.
+"""
+from __future__ import annotations
+
+import argparse
+
+from dcae.errors import DCAEError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__.split("\n\n", 1)[1]
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted config overrides, e.g. optim.lr=1e-4 phase.resolution=256 data.num_workers=4")
+    parser.add_argument("--preset", help="model preset to train from scratch (see `dcae info`)")
+    parser.add_argument("--data", help="training images: a folder (recursive) or webdataset .tar shards")
+    parser.add_argument("--val-data", help="held-out image folder: validation PSNR/LPIPS and sample grids")
+    parser.add_argument("--phase", type=int, choices=(1, 2, 3), help="1 full low-res, 2 high-res latent adaptation, "
+                        "3 low-res decoder-head refinement with a GAN")
+    parser.add_argument("--recipe", choices=("three-phase",), help="run phases 1, 2, 3 in sequence")
+    parser.add_argument("--init", help="initial weights: a run dir, a save_pretrained dir, a .safetensors, a Hub id")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    parser.add_argument("--run-dir", help="where checkpoints, logs and samples go (default runs/dcae)")
+    parser.add_argument("--steps", type=int, help="train until this step (per phase, for the recipe)")
+    parser.add_argument("--phase-steps", help="recipe: steps of phases 1,2,3, e.g. 4000,1000,1000")
+    parser.add_argument("--batch-size", type=int, help="images per process per step")
+    parser.add_argument("--resolution", type=int, help="crop size (recipe: phases 1 and 3; phase 2 gets twice it)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--num-workers", type=int, help="DataLoader worker processes")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+
+
+def _flag_overrides(args: argparse.Namespace, recipe: bool) -> list[str]:
+    """The convenience flags, as overrides (applied before the key=value ones, which win)."""
+    pairs = [("preset", args.preset), ("data.path", args.data), ("data.val_path", args.val_data),
+             ("init", args.init), ("run_dir", args.run_dir), ("steps", args.steps), ("batch_size", args.batch_size),
+             ("seed", args.seed), ("data.num_workers", args.num_workers)]
+    if not recipe:
+        pairs.append(("phase.resolution", args.resolution))
+    return [f"{key}={value}" for key, value in pairs if value is not None]
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from dcae import train as training
+
+    if args.recipe:
+        return _run_recipe(args)
+    if args.resume:
+        if args.phase or args.preset or args.init:
+            raise DCAEError("--resume continues a run with its saved config; drop --phase/--preset/--init")
+        config = training.load_run_config(args.resume, _flag_overrides(args, False) + list(args.overrides))
+    else:
+        if args.phase is None:
+            raise DCAEError("choose --phase 1|2|3, --recipe three-phase, or --resume RUN_DIR")
+        if not (args.data or any(o.startswith("data.path=") for o in args.overrides)):
+            raise DCAEError("--data is required: an image folder or .tar shards")
+        base = dataclasses.replace(training.TrainConfig(), phase=training.phase_config(args.phase))
+        config = training.apply_overrides(base, _flag_overrides(args, False) + list(args.overrides))
+    if args.print_config:
+        print(json.dumps(training.config_to_dict(config), indent=2))
+        return 0
+    try:
+        run_dir = training.train(config, resume=bool(args.resume))
+    finally:
+        _destroy_process_group()
+    print(f"dcae train: done, step {config.steps}; weights in {run_dir}/model.safetensors")
+    return 0
+
+
+def _destroy_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run_recipe(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from dcae import train as training
+
+    if args.phase:
+        raise DCAEError("--recipe runs all three phases; drop --phase")
+    if args.resume:
+        path = Path(args.resume) / "config.json"
+        if not path.is_file():
+            raise DCAEError(f"{args.resume}: not a recipe run (no config.json)")
+        saved = json.loads(path.read_text())
+        if "recipe" not in saved:
+            raise DCAEError(f"{args.resume}: is a single-phase run; resume it without --recipe")
+        configs = [training.config_from_dict(training.TrainConfig, c, str(path)) for c in saved["phases"]]
+        extra = [o for o in _flag_overrides(args, True) + list(args.overrides)
+                 if not o.startswith(("run_dir=", "init=", "preset="))]
+        steps = _phase_steps(args.phase_steps) if args.phase_steps else [c.steps for c in configs]
+        configs = [training.apply_overrides(dataclasses.replace(c, steps=s), training.phase_overrides(extra, k))
+                   for k, (c, s) in enumerate(zip(configs, steps), start=1)]
+    else:
+        if not args.data:
+            raise DCAEError("--data is required: an image folder or .tar shards")
+        base = training.apply_overrides(training.TrainConfig(), _flag_overrides(args, True))
+        steps = _phase_steps(args.phase_steps) if args.phase_steps else (base.steps,) * 3
+        configs = training.recipe_configs(base, steps, args.resolution, list(args.overrides))
+    if args.print_config:
+        print(json.dumps([training.config_to_dict(c) for c in configs], indent=2))
+        return 0
+    try:
+        run_dir = training.train_recipe(configs, resume=bool(args.resume))
+    finally:
+        _destroy_process_group()
+    print(f"dcae train: three-phase recipe done; final weights in {run_dir}/model.safetensors")
+    return 0
+
+
+def _phase_steps(text: str) -> tuple[int, int, int]:
+    try:
+        steps = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        steps = ()
+    if len(steps) != 3 or min(steps) < 0:
+        raise DCAEError(f"--phase-steps {text!r}: expected three step counts, e.g. 4000,1000,1000")
+    return steps  # type: ignore[return-value]
+

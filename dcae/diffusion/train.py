@@ -1,0 +1,410 @@
+"""Latent diffusion training on a latent cache: DiT / UViT, flow or eps objective, EMA, DDP, exact resume.
+
+`train_diffusion(config)` runs from a single CPU process up to `torchrun --nproc_per_node=N` (DDP over gloo on CPU,
+nccl on CUDA). Everything random is a pure function of (seed, step, rank): the batch at step s is a slice of per-epoch
+permutations seeded (seed, epoch), and times, noise and label dropout come from one torch.Generator per rank whose
+state is saved, so a resumed run continues bit-exactly (with the same world size).
+
+Run directory (the same layout as the autoencoder trainer, dcae/train.py):
+    config.json               the resolved TrainDiffusionConfig
+    log.jsonl                 one JSON object per log line / event
+    checkpoints/latest        name of the newest complete checkpoint (replaced atomically)
+    checkpoints/step_N/       model.safetensors, ema.safetensors (metadata: everything `dcae sample` needs),
+                              state.pt (optimizer, RNG, step; tensors and plain data only), train_config.json
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from dcae.diffusion.latents import LatentCache, estimate_scaling_factor, load_latent_cache
+from dcae.diffusion.objectives import OBJECTIVES, get_objective
+from dcae.diffusion.presets import ModelConfig, create_diffusion_model, get_diffusion_config, model_config_from_dict
+from dcae.errors import DCAEError
+from dcae.train import (
+    Dist,
+    JsonlLog,
+    OptimConfig,
+    StopFlag,
+    _parse_value,
+    autocast,
+    build_optimizer,
+    checkpoint_dir,
+    config_from_dict,
+    config_to_dict,
+    init_distributed,
+    latest_checkpoint,
+    load_state,
+    lr_at,
+    prune_checkpoints,
+    reduce_mean,
+    update_ema,
+)
+
+METADATA_KEY = "dcae_diffusion"  # safetensors metadata entry holding the checkpoint's JSON description
+
+
+@dataclass
+class TrainDiffusionConfig:
+    latents: str = ""  # cache folder written by `dcae cache-latents`
+    preset: str = "DiT-T/1"  # a DIFFUSION_PRESETS name; `model` is built from it and the cache's latent shape
+    model: ModelConfig | None = None  # the resolved architecture; override fields as model.depth=4
+    objective: str = "flow"  # "flow" (SiT velocity, linear path) or "eps" (DDPM, SD scaled-linear schedule)
+    run_dir: str = "runs/diffusion"
+    seed: int = 0  # model init, data order, times, noise, label dropout
+    steps: int = 1000  # train until this step (a resumed run continues to it)
+    batch_size: int = 32  # global batch, split evenly over ranks (DiT's convention)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0, warmup_steps=0,
+                                                                   grad_clip=0.0))  # DiT: AdamW 1e-4, no decay
+    ema_decay: float = 0.9999  # DiT; warmed up as min(decay, (1 + step) / (10 + step)) so short runs move
+    class_dropout: float = 0.1  # labels replaced by the null class with this probability (classifier-free guidance)
+    use_flip: bool = True  # train on the cache's mirrored latents too, when it has them
+    scaling_factor: float | None = None  # latents are multiplied by it; None: the cache's, else 1/std estimated
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast) | "auto": bf16 on CUDA, fp32 on CPU
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    progress: bool = True  # tqdm bar on rank 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Config: dotted overrides and (de)serialisation
+def apply_overrides(config: TrainDiffusionConfig, overrides: list[str]) -> TrainDiffusionConfig:
+    """A copy with `key=value` overrides applied, e.g. ["optim.lr=3e-4", "model.depth=4", "objective=eps"]."""
+    config = copy.deepcopy(config)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise DCAEError(f"override {item!r}: expected key=value (e.g. optim.lr=1e-4)")
+        *path, name = key.strip().split(".")
+        target = config
+        for part in path:
+            target = getattr(target, part, None) if dataclasses.is_dataclass(target) else None
+            if not dataclasses.is_dataclass(target):
+                raise DCAEError(f"override {key}: no config section {part!r}")
+        kinds = typing.get_type_hints(type(target))
+        if name not in kinds or name == "arch" or dataclasses.is_dataclass(getattr(target, name)):
+            raise DCAEError(f"override {key}: unknown key {name!r}")
+        setattr(target, name, _parse_value(text.strip(), kinds[name], key))
+    return config
+
+
+def config_dict(config: TrainDiffusionConfig) -> dict[str, Any]:
+    return config_to_dict(config)
+
+
+def config_from_json(data: dict[str, Any], where: str) -> TrainDiffusionConfig:
+    data = dict(data)
+    model = data.pop("model", None)
+    try:
+        config = config_from_dict(TrainDiffusionConfig, data, where)
+        return dataclasses.replace(config, model=model_config_from_dict(model) if model is not None else None)
+    except (TypeError, ValueError) as error:
+        raise DCAEError(f"{where}: {error}") from None
+
+
+def resolve_model_config(config: TrainDiffusionConfig, index: dict[str, Any]) -> ModelConfig:
+    """The preset sized for the cache: latent channels and side, and its classes (one class = unconditional)."""
+    channels, height, width = index["latent_shape"]
+    if height != width:
+        raise DCAEError(f"{config.latents}: latents are {height}x{width}; the diffusion models take square latents")
+    num_classes = index["num_classes"] if index["num_classes"] > 1 else 0
+    return get_diffusion_config(config.preset, in_channels=channels, input_size=height, num_classes=num_classes)
+
+
+def check_config(config: TrainDiffusionConfig, index: dict[str, Any], world_size: int) -> None:
+    """Reject values that would fail later with a less clear message."""
+    if config.objective not in OBJECTIVES:
+        raise DCAEError(f"objective={config.objective!r}: choose from {', '.join(OBJECTIVES)}")
+    if config.precision not in ("auto", "fp32", "bf16"):
+        raise DCAEError(f"precision={config.precision!r}: choose auto, fp32 or bf16")
+    for name in ("batch_size", "log_every", "ckpt_every"):
+        if getattr(config, name) < 1:
+            raise DCAEError(f"{name}={getattr(config, name)}: must be positive")
+    if config.batch_size % world_size:
+        raise DCAEError(f"batch_size={config.batch_size} does not split evenly over {world_size} processes")
+    m = config.model
+    if [m.in_channels, m.input_size, m.input_size] != list(index["latent_shape"]):
+        raise DCAEError(f"model takes {m.in_channels}x{m.input_size}x{m.input_size} latents, "
+                        f"the cache holds {index['latent_shape']}")
+    if m.input_size % m.patch_size:
+        raise DCAEError(f"model.patch_size={m.patch_size} does not divide the latent side {m.input_size}")
+    if 0 < m.num_classes < index["num_classes"]:
+        raise DCAEError(f"model.num_classes={m.num_classes} but the cache has {index['num_classes']} classes")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Small named helpers
+def batch_indices(step: int, num_items: int, batch_size: int, rank: int, world_size: int, seed: int) -> torch.Tensor:
+    """This rank's items of global batch `step`: stream positions [step*B, (step+1)*B) of the concatenated per-epoch
+    permutations (epoch e seeded (seed, e)); rank r takes every world_size-th position from r."""
+    positions = np.arange(step * batch_size + rank, (step + 1) * batch_size, world_size)
+    epochs, offsets = positions // num_items, positions % num_items
+    out = np.empty(len(positions), dtype=np.int64)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(num_items)
+        out[epochs == epoch] = perm[offsets[epochs == epoch]]
+    return torch.from_numpy(out)
+
+
+def drop_labels(labels: torch.Tensor, p: float, null_class: int, generator: torch.Generator) -> torch.Tensor:
+    """Replace each label by the null class with probability p (classifier-free guidance training)."""
+    drop = torch.rand(labels.shape, device=labels.device, generator=generator) < p
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA warm-up: a young average follows the weights closely, then settles at `decay`."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def resolve_scaling_factor(config: TrainDiffusionConfig, cache: LatentCache) -> tuple[float, str]:
+    """(factor, where it came from): the config's, the autoencoder's published one, or 1/std of the cache."""
+    if config.scaling_factor is not None:
+        return float(config.scaling_factor), "config"
+    if cache.index.get("scaling_factor") is not None:
+        return float(cache.index["scaling_factor"]), "autoencoder"
+    return estimate_scaling_factor(cache.latents), "estimated 1/std of the cache"
+
+
+def checkpoint_metadata(config: TrainDiffusionConfig, index: dict[str, Any], step: int) -> dict[str, str]:
+    """What a checkpoint needs to sample on its own: model config, objective, scaling, classes, autoencoder."""
+    info = {"step": step, "model": dataclasses.asdict(config.model), "objective": config.objective,
+            "scaling_factor": config.scaling_factor, "latent_shape": index["latent_shape"],
+            "class_names": index["class_names"], "autoencoder": index["autoencoder"],
+            "autoencoder_config_hash": index["autoencoder_config_hash"], "resolution": index["resolution"],
+            "train_config": config_dict(config)}
+    return {METADATA_KEY: json.dumps(info)}
+
+
+def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: nn.Module, state: dict[str, Any],
+                    config: TrainDiffusionConfig, index: dict[str, Any]) -> Path:
+    """Write checkpoints/step_N atomically: a temp dir renamed into place, then the `latest` pointer."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:08d}"
+    final, tmp = root / name, root / f".tmp_{name}"
+    if not (final / "state.pt").is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        metadata = checkpoint_metadata(config, index, step)
+        save_file(_weights(model), tmp / "model.safetensors", metadata=metadata)
+        save_file(_weights(ema), tmp / "ema.safetensors", metadata=metadata)
+        torch.save(state, tmp / "state.pt")
+        (tmp / "train_config.json").write_text(json.dumps(config_dict(config), indent=2) + "\n")
+        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same step (no state.pt)
+        os.rename(tmp, final)
+    pointer_tmp = root / ".latest.tmp"
+    pointer_tmp.write_text(name + "\n")
+    os.replace(pointer_tmp, root / "latest")
+    prune_checkpoints(root, config.keep_checkpoints, keep=final)
+    return final
+
+
+def load_weights(module: nn.Module, path: Path) -> None:
+    with safe_open(str(path), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    module.load_state_dict(state, strict=True)
+
+
+def gather_generator_states(generator: torch.Generator, d: Dist) -> torch.Tensor:
+    """Every rank's generator state stacked (world_size, n) uint8, on every rank."""
+    mine = generator.get_state()
+    if d.world_size == 1:
+        return mine[None]
+    states: list[Any] = [None] * d.world_size
+    dist.all_gather_object(states, mine)
+    return torch.stack(states)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The training loop
+def train_diffusion(config: TrainDiffusionConfig, resume: bool = False) -> Path:
+    """Train until `config.steps`; returns the run directory. `resume=True` continues its latest checkpoint."""
+    d = init_distributed(config.device)
+    precision = config.precision if config.precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
+    run_dir = Path(config.run_dir)
+    resume_from = latest_checkpoint(run_dir) if resume else None
+    if resume and resume_from is None:
+        raise DCAEError(f"{run_dir}: no checkpoint to resume from")
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise DCAEError(f"{run_dir}: already holds a training run; pass --resume to continue it or choose another --run-dir")
+    state = load_state(resume_from) if resume_from is not None else None
+
+    cache = load_latent_cache(config.latents, use_flip=config.use_flip)
+    if config.model is None:
+        config = dataclasses.replace(config, model=resolve_model_config(config, cache.index))
+    check_config(config, cache.index, d.world_size)
+    scale, scale_source = resolve_scaling_factor(config, cache)
+    config = dataclasses.replace(config, scaling_factor=scale)
+    objective = get_objective(config.objective)
+
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
+    model = create_diffusion_model(config.model).to(d.device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    optimizer = build_optimizer(list(model.parameters()), config.optim)
+    generator = torch.Generator(d.device).manual_seed(config.seed * 1000 + d.rank)
+    step = 0
+    if state is not None:
+        load_weights(model, resume_from / "model.safetensors")
+        load_weights(ema, resume_from / "ema.safetensors")
+        optimizer.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        if len(state["rng"]) != d.world_size:
+            raise DCAEError(f"{resume_from}: saved by {len(state['rng'])} processes; resume with the same number")
+        generator.set_state(state["rng"][d.rank].clone())  # a row of the stack is a view; set_state wants its own
+    ddp_model: nn.Module = model
+    if d.world_size > 1:
+        ddp_model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    null_class = model.null_class
+
+    log = JsonlLog(run_dir / "log.jsonl" if d.is_main else None)
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config_dict(config), indent=2) + "\n")
+        log.write(event="resume" if resume_from else "start", step=step, world_size=d.world_size,
+                  device=str(d.device), precision=precision, params=sum(p.numel() for p in model.parameters()),
+                  latents=len(cache.latents), scaling_factor=scale, scaling_factor_source=scale_source,
+                  resumed_from=str(resume_from) if resume_from else None)
+
+    def checkpoint_now() -> None:
+        rng = gather_generator_states(generator, d)
+        if d.is_main:
+            full_state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng, "world_size": d.world_size}
+            path = save_checkpoint(run_dir, step, model, ema, full_state, config, cache.index)
+            log.write(event="checkpoint", step=step, path=str(path))
+        if d.world_size > 1:
+            dist.barrier()
+
+    bar = tqdm(total=config.steps, initial=step, disable=not (d.is_main and config.progress), dynamic_ncols=True,
+               desc="train-diffusion")
+    model.train()
+    window = torch.zeros(2, dtype=torch.float64)  # loss sum, steps
+    window_time, interrupted = 0.0, ""
+    try:
+        with StopFlag() as stop:
+            while step < config.steps:
+                start = time.perf_counter()
+                idx = batch_indices(step, len(cache.latents), config.batch_size, d.rank, d.world_size, config.seed)
+                x0 = cache.latents[idx].to(d.device) * scale  # (b, C, H, W)
+                extra = {}
+                if null_class is not None:
+                    labels = cache.labels[idx].to(d.device)
+                    extra["y"] = drop_labels(labels, config.class_dropout, null_class, generator)
+                lr = lr_at(step, config.optim)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                with autocast(d.device, precision):
+                    loss = objective.loss(ddp_model, x0, generator=generator, **extra)
+                loss.backward()
+                if config.optim.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                update_ema(ema, model, ema_decay_at(step, config.ema_decay))
+                step += 1
+                window += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+                window_time += time.perf_counter() - start
+                bar.update(1)
+                stop_now = reduce_mean(torch.tensor([float(stop.requested)], dtype=torch.float64), d)[0] > 0
+                if step % config.log_every == 0 or step == config.steps:
+                    mean_loss = float(reduce_mean(window[:1] / window[1], d)[0])
+                    images_per_s = window[1].item() * config.batch_size / max(window_time, 1e-9)
+                    log.write(step=step, loss=mean_loss, lr=lr, images_per_s=images_per_s)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_s:.1f}")
+                    window.zero_()
+                    window_time = 0.0
+                if stop_now:
+                    interrupted = stop.signal_name or "a signal on another rank"
+                    break
+                if step % config.ckpt_every == 0 and step < config.steps:
+                    checkpoint_now()
+            checkpoint_now()
+    finally:
+        bar.close()
+    if interrupted:
+        if d.is_main:
+            log.write(event="stop", step=step, reason=interrupted)
+            print(f"dcae train-diffusion: stopped by {interrupted} at step {step}; checkpoint saved. "
+                  f"Continue with: dcae train-diffusion --resume {run_dir}", flush=True)
+        raise KeyboardInterrupt
+    if d.is_main:
+        log.write(event="done", step=step)
+    return run_dir
+
+
+def load_run_config(run_dir: str | Path) -> TrainDiffusionConfig:
+    """The config a run was trained with (from its newest checkpoint, else its config.json)."""
+    run_dir = Path(run_dir)
+    ckpt = latest_checkpoint(run_dir)
+    path = ckpt / "train_config.json" if ckpt is not None else run_dir / "config.json"
+    if not path.is_file():
+        raise DCAEError(f"{run_dir}: not a diffusion training run (no checkpoint, no config.json)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DCAEError(f"{path}: not valid JSON ({error.msg})") from None
+    return dataclasses.replace(config_from_json(data, str(path)), run_dir=str(run_dir))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading a trained model for sampling
+@dataclass
+class DiffusionCheckpoint:
+    model: nn.Module
+    info: dict[str, Any]  # the checkpoint metadata (see `checkpoint_metadata`)
+    path: Path
+
+
+def find_weights(path: str | Path, ema: bool = True) -> Path:
+    """A run dir, a checkpoint dir or a .safetensors file -> the weights file to sample with."""
+    path = Path(path)
+    name = "ema.safetensors" if ema else "model.safetensors"
+    if path.is_file():
+        return path
+    if (path / name).is_file():
+        return path / name
+    ckpt = latest_checkpoint(path) if path.is_dir() else None
+    if ckpt is None:
+        raise DCAEError(f"{path}: no diffusion checkpoint here (a run dir, checkpoints/step_N, or a .safetensors)")
+    return ckpt / name
+
+
+def load_diffusion_checkpoint(path: str | Path, ema: bool = True, device: torch.device | str = "cpu"
+                              ) -> DiffusionCheckpoint:
+    """Rebuild the model a checkpoint was trained as and load its (EMA) weights; eval mode."""
+    weights = find_weights(path, ema)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as error:  # noqa: BLE001 - safetensors raises several types for a bad file
+        raise DCAEError(f"{weights}: cannot read safetensors file: {error}") from None
+    if METADATA_KEY not in metadata:
+        raise DCAEError(f"{weights}: not a dcae diffusion checkpoint (no {METADATA_KEY} metadata)")
+    info = json.loads(metadata[METADATA_KEY])
+    model = create_diffusion_model(model_config_from_dict(info["model"]))
+    model.load_state_dict(state, strict=True)
+    return DiffusionCheckpoint(model=model.to(device).eval(), info=info, path=weights)

@@ -1,0 +1,304 @@
+"""Any-size and tiled encode/decode: pad to the spatial factor, run tiles one at a time, blend the overlaps.
+
+Tiles are squares of `tile` image pixels that overlap their neighbours by `overlap` pixels; both are multiples
+of the spatial factor f, so every tile boundary falls on a whole latent pixel. Each tile's output is weighted
+by a separable window that ramps linearly over the overlap on the sides that touch another tile (flat 1 on
+image borders) and accumulated into one preallocated float32 tensor, then divided by the summed weights.
+Peak memory is one tile's activations plus the input and the output.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dcae.errors import DCAEError
+from dcae.images import atomic_output
+
+TileSpec = int | str | None  # "auto", "none" / None, or a tile side in image pixels
+AUTO_TILE_ABOVE_PIXELS = 1024 * 1024  # "auto" tiles images larger than 1 Mpx (after padding)
+
+
+def config_hash(model: nn.Module) -> str:
+    """sha256 of the model's JSON config (sorted keys): tells latents of different models apart."""
+    return hashlib.sha256(json.dumps(model.config_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def padding_for(height: int, width: int, factor: int) -> tuple[int, int]:
+    """Rows and columns to add at the bottom and right so that both sides are multiples of `factor`."""
+    return (-height) % factor, (-width) % factor
+
+
+def pad_to_multiple(x: torch.Tensor, factor: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """(B, C, H, W) -> (B, C, H', W') padded at bottom/right to multiples of `factor`: reflect, else replicate.
+
+    Reflection needs the pad to be smaller than the side it mirrors; tiny images (1x1, 20x20 at f32) replicate.
+    """
+    pad_h, pad_w = padding_for(x.shape[-2], x.shape[-1], factor)
+    if pad_h == 0 and pad_w == 0:
+        return x, (0, 0)
+    mode = "reflect" if pad_h < x.shape[-2] and pad_w < x.shape[-1] else "replicate"
+    return F.pad(x, (0, pad_w, 0, pad_h), mode=mode), (pad_h, pad_w)
+
+
+def default_tile(factor: int) -> tuple[int, int]:
+    """(tile, overlap) in pixels used by "auto": 512 px (at least 8 latent pixels), an eighth of it overlapping.
+
+    512/64 at f32 is diffusers' AutoencoderDC default (tile 512, stride 448); see docs/images.md for its cost.
+    """
+    tile = max(512, 8 * factor)
+    return tile, max(factor, tile // 8 // factor * factor)
+
+
+def resolve_tile(tile: TileSpec, height: int, width: int, factor: int, overlap: int | None = None
+                 ) -> tuple[int, int] | None:
+    """Tile option + padded image size -> (tile, overlap) in pixels, or None to run the whole image at once."""
+    if tile is None or (isinstance(tile, str) and tile.lower() in ("none", "off", "0")) or tile == 0:
+        return None
+    if isinstance(tile, str) and tile.lower() == "auto":
+        if height * width <= AUTO_TILE_ABOVE_PIXELS:
+            return None
+        size, auto_overlap = default_tile(factor)
+        overlap = auto_overlap if overlap is None else overlap
+    else:
+        try:
+            size = int(tile)
+        except ValueError:
+            raise DCAEError(f"--tile {tile!r}: expected auto, none or a size in pixels") from None
+        if size <= 0 or size % factor:
+            raise DCAEError(f"tile size {size} must be a positive multiple of the spatial factor {factor}")
+        overlap = min(default_tile(factor)[1], size // 8 // factor * factor) if overlap is None else overlap
+    if overlap < 0 or overlap % factor or overlap >= size:
+        raise DCAEError(f"tile overlap {overlap} must be a multiple of {factor} and smaller than the tile {size}")
+    if height <= size and width <= size:
+        return None  # one tile covers everything
+    return size, overlap
+
+
+def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """Cover [0, length) with (start, size) spans of at most `tile`, neighbours sharing at least `overlap`."""
+    if length <= tile:
+        return [(0, length)]
+    count = math.ceil((length - overlap) / (tile - overlap))
+    return [(round(i * (length - tile) / (count - 1)), tile) for i in range(count)]  # evenly spread starts
+
+
+def _ramp_window(size: int, ramp: int, lead: bool, trail: bool) -> torch.Tensor:
+    """(size,) weights: 1 inside, a linear ramp (k + 0.5) / ramp over `ramp` samples at each touching side."""
+    window = torch.ones(size, dtype=torch.float32)
+    ramp = min(ramp, size)
+    if ramp > 0:
+        up = (torch.arange(ramp, dtype=torch.float32) + 0.5) / ramp  # strictly positive: no 0/0 anywhere
+        if lead:
+            window[:ramp] *= up
+        if trail:
+            window[size - ramp:] *= up.flip(0)
+    return window
+
+
+def _axis_windows(length: int, tile: int, overlap: int, scale: int
+                  ) -> tuple[list[tuple[int, int, torch.Tensor]], torch.Tensor]:
+    """Spans along one axis in latent units -> [(start, size, window of size*scale)], summed window (length*scale,)."""
+    spans = tile_spans(length, tile, overlap)
+    total = torch.zeros(length * scale, dtype=torch.float32)
+    windows = []
+    for start, size in spans:
+        window = _ramp_window(size * scale, overlap * scale, lead=start > 0, trail=start + size < length)
+        total[start * scale:(start + size) * scale] += window
+        windows.append((start, size, window))
+    return windows, total
+
+
+def _device_dtype(model: nn.Module, fallback: torch.Tensor) -> tuple[torch.device, torch.dtype]:
+    parameter = next(model.parameters(), None)
+    if parameter is None:
+        return fallback.device, fallback.dtype
+    return parameter.device, parameter.dtype
+
+
+def _tiled(fn, x: torch.Tensor, factor: int, in_scale: int, out_scale: int, out_channels: int,
+           tile: int, overlap: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Run `fn` over overlapping tiles of x (units of 1 latent pixel = in_scale input / out_scale output samples)."""
+    t, o = tile // factor, overlap // factor
+    batch, _, in_h, in_w = x.shape
+    rows, row_total = _axis_windows(in_h // in_scale, t, o, out_scale)
+    cols, col_total = _axis_windows(in_w // in_scale, t, o, out_scale)
+    out = torch.zeros(batch, out_channels, row_total.numel(), col_total.numel(), dtype=torch.float32, device=x.device)
+    for y0, th, wy in rows:
+        for x0, tw, wx in cols:
+            piece = x[:, :, y0 * in_scale:(y0 + th) * in_scale, x0 * in_scale:(x0 + tw) * in_scale]
+            y = fn(piece.to(device=device, dtype=dtype)).to(device=x.device, dtype=torch.float32)  # (B, C, th*s, tw*s)
+            weight = (wy[:, None] * wx[None, :]).to(x.device)  # (th*s, tw*s)
+            out[:, :, y0 * out_scale:(y0 + th) * out_scale, x0 * out_scale:(x0 + tw) * out_scale] += y * weight
+            del y
+    out /= row_total.to(x.device)[:, None]
+    out /= col_total.to(x.device)[None, :]
+    return out
+
+
+def tiled_encode(model: nn.Module, x: torch.Tensor, tile: int = 512, overlap: int = 128) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1], H and W multiples of f -> (B, c, H/f, W/f) float32 latent, encoded tile by tile."""
+    f = model.spatial_factor
+    if x.shape[-2] % f or x.shape[-1] % f:
+        raise ValueError(f"image {tuple(x.shape[-2:])} is not a multiple of the spatial factor {f}; pad it first")
+    device, dtype = _device_dtype(model, x)
+    return _tiled(model.encode, x, f, in_scale=f, out_scale=1, out_channels=model.latent_channels,
+                  tile=tile, overlap=overlap, device=device, dtype=dtype)
+
+
+def tiled_decode(model: nn.Module, z: torch.Tensor, tile: int = 512, overlap: int = 128) -> torch.Tensor:
+    """(B, c, h, w) latent -> (B, 3, h*f, w*f) float32 image, decoded tile by tile (tile, overlap in pixels)."""
+    f = model.spatial_factor
+    device, dtype = _device_dtype(model, z)
+    return _tiled(model.decode, z, f, in_scale=1, out_scale=f, out_channels=3,
+                  tile=tile, overlap=overlap, device=device, dtype=dtype)
+
+
+def encode_image(model: nn.Module, x: torch.Tensor, tile: TileSpec = "auto", overlap: int | None = None
+                 ) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1], any H and W -> (B, c, ceil(H/f), ceil(W/f)) float32 latent of the padded image."""
+    f = model.spatial_factor
+    x, _ = pad_to_multiple(x, f)
+    plan = resolve_tile(tile, x.shape[-2], x.shape[-1], f, overlap)
+    if plan is not None:
+        return tiled_encode(model, x, *plan)
+    device, dtype = _device_dtype(model, x)
+    return model.encode(x.to(device=device, dtype=dtype)).to(device=x.device, dtype=torch.float32)
+
+
+def decode_latent(model: nn.Module, z: torch.Tensor, size: tuple[int, int] | None = None, tile: TileSpec = "auto",
+                  overlap: int | None = None) -> torch.Tensor:
+    """(B, c, h, w) latent -> (B, 3, H, W) float32 image, cropped to `size` (the size before padding) if given."""
+    f = model.spatial_factor
+    plan = resolve_tile(tile, z.shape[-2] * f, z.shape[-1] * f, f, overlap)
+    if plan is not None:
+        y = tiled_decode(model, z, *plan)
+    else:
+        device, dtype = _device_dtype(model, z)
+        y = model.decode(z.to(device=device, dtype=dtype)).to(device=z.device, dtype=torch.float32)
+    if size is not None:
+        height, width = size
+        if not (0 < height <= y.shape[-2] and 0 < width <= y.shape[-1]):
+            raise ValueError(f"cannot crop a {tuple(y.shape[-2:])} image to {size}")
+        y = y[:, :, :height, :width]
+    return y
+
+
+# --- latent files ----------------------------------------------------------------------------------------------------
+LATENT_FORMAT = "dcae-latent/1"
+LATENT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def latent_metadata(model: nn.Module, model_id: str, size: tuple[int, int], dtype: torch.dtype,
+                    **extra: str) -> dict[str, str]:
+    """safetensors metadata (all strings) that lets `read_latent` restore and check a latent."""
+    height, width = size
+    pad_h, pad_w = padding_for(height, width, model.spatial_factor)
+    scaling = getattr(getattr(model, "config", None), "scaling_factor", None)
+    return {
+        "format": LATENT_FORMAT,
+        "model": model_id,
+        "config_name": str(getattr(getattr(model, "config", None), "name", model_id)),
+        "config_hash": config_hash(model),
+        "spatial_factor": str(model.spatial_factor),
+        "latent_channels": str(model.latent_channels),
+        "scaling_factor": "none" if scaling is None else repr(float(scaling)),  # the tensor is NOT scaled by it
+        "height": str(height),
+        "width": str(width),
+        "padding": json.dumps([0, pad_h, 0, pad_w]),  # top, bottom, left, right (reflect, else replicate)
+        "dtype": str(dtype).removeprefix("torch."),
+        **extra,
+    }
+
+
+def write_latent(path: str | os.PathLike, latent: torch.Tensor, metadata: dict[str, str],
+                 alpha: torch.Tensor | None = None) -> None:
+    """Write a (c, h, w) latent (+ optional (1, H, W) uint8 alpha) to .safetensors atomically."""
+    from safetensors.torch import save
+
+    tensors = {"latent": latent.detach().cpu().contiguous()}
+    if alpha is not None:
+        tensors["alpha"] = alpha.cpu().contiguous()
+    data = save(tensors, metadata=metadata)  # bytes: a latent is small
+    with atomic_output(path) as handle:
+        handle.write(data)
+
+
+def _metadata_int(path: Path, metadata: dict[str, str], key: str) -> int | None:
+    if key not in metadata:
+        return None
+    try:
+        value = int(metadata[key])
+    except ValueError:
+        raise DCAEError(f"{path}: metadata {key}={metadata[key]!r} is not an integer") from None
+    if value < 1:
+        raise DCAEError(f"{path}: metadata {key}={value} must be positive")
+    return value
+
+
+def read_latent(path: str | os.PathLike, model: nn.Module
+                ) -> tuple[torch.Tensor, tuple[int, int] | None, torch.Tensor | None, dict[str, str]]:
+    """Read and check a latent file for `model` -> ((1, c, h, w) float32, original (H, W) or None, alpha, metadata).
+
+    Refuses (DCAEError naming the file) anything `model` cannot decode: not safetensors, no `latent` tensor,
+    wrong rank or channel count, a non-float dtype, NaN/Inf, another model's config hash, inconsistent sizes.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise DCAEError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise DCAEError(f"{path}: file is empty (0 bytes)")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            keys = set(handle.keys())
+            if "latent" not in keys:
+                raise DCAEError(f"{path}: no 'latent' tensor (has {', '.join(sorted(keys)) or 'none'})")
+            latent = handle.get_tensor("latent")
+            alpha = handle.get_tensor("alpha") if "alpha" in keys else None
+    except DCAEError:
+        raise
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
+        raise DCAEError(f"{path}: not a readable .safetensors latent file ({_first_line(error)})") from None
+    f, c = model.spatial_factor, model.latent_channels
+    if "config_hash" in metadata and metadata["config_hash"] != config_hash(model):
+        raise DCAEError(f"{path}: latent comes from another model ({metadata.get('config_name', '?')}, config hash "
+                        f"{metadata['config_hash'][:12]}), not from this one (config hash {config_hash(model)[:12]})")
+    if latent.ndim == 4 and latent.shape[0] == 1:
+        latent = latent[0]
+    if latent.ndim != 3 or min(latent.shape) < 1:
+        raise DCAEError(f"{path}: latent has shape {tuple(latent.shape)}, expected ({c}, h, w)")
+    if latent.shape[0] != c:
+        raise DCAEError(f"{path}: latent has {latent.shape[0]} channels, this model expects {c}")
+    if latent.dtype not in LATENT_DTYPES.values():
+        raise DCAEError(f"{path}: latent dtype {str(latent.dtype).removeprefix('torch.')} is not one of "
+                        f"{', '.join(LATENT_DTYPES)}")
+    if not torch.isfinite(latent).all():
+        raise DCAEError(f"{path}: latent contains NaN or Inf values")
+    height, width = _metadata_int(path, metadata, "height"), _metadata_int(path, metadata, "width")
+    size = None
+    if height is not None or width is not None:
+        if height is None or width is None:
+            raise DCAEError(f"{path}: metadata has only one of height/width")
+        if math.ceil(height / f) != latent.shape[1] or math.ceil(width / f) != latent.shape[2]:
+            raise DCAEError(f"{path}: metadata size {width}x{height} does not match a latent of "
+                            f"{latent.shape[2]}x{latent.shape[1]} at f{f}")
+        size = (height, width)
+    if alpha is not None:
+        expected = (1, *(size or (latent.shape[1] * f, latent.shape[2] * f)))
+        if alpha.dtype != torch.uint8 or tuple(alpha.shape) != expected:
+            raise DCAEError(f"{path}: alpha has shape {tuple(alpha.shape)} {alpha.dtype}, expected {expected} uint8")
+    return latent[None].float(), size, alpha, metadata
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,865 @@
+"""Autoencoder training: the three phases of Decoupled High-Resolution Adaptation (DC-AE paper, Sec. 3.3) as data.
+
+A phase is a `PhaseConfig`: which parameters train, which losses with which weights, at which resolution, with which
+optimizer. `train(config)` runs one phase from a single CPU process up to `torchrun --nproc_per_node=N` DDP; every
+`ckpt_every` steps (and on SIGINT/SIGTERM) it writes an atomic checkpoint from which `train(config, resume=True)`
+continues bit-exactly. `train_recipe` chains phase 1 -> 2 -> 3, each initialised from the last. See docs/training.md.
+
+Run directory:
+    config.json              the resolved TrainConfig (training config, not the model's)
+    log.jsonl                one JSON object per log / validation / event line
+    model.safetensors        latest weights (dcae format, config in metadata): DCAE.from_pretrained(run_dir)
+    ema.safetensors          latest EMA weights: DCAE.from_pretrained(run_dir, weights="ema")
+    samples/step_N.png       validation images (top) over their reconstructions (bottom)
+    checkpoints/latest       name of the newest complete checkpoint (replaced atomically)
+    checkpoints/step_N/      model.safetensors + config.json (save_pretrained), ema.safetensors, state.pt, train_config.json
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import checkpoint
+
+from dcae.data import DataConfig, TrainStream, load_validation_images
+from dcae.errors import DCAEError
+from dcae.losses import GANConfig, GANLoss, ReconstructionLoss
+
+CHECKPOINT_SLEEP_ENV = "DCAE_TEST_CHECKPOINT_SLEEP"  # test hook: seconds to sleep between writing and renaming
+TRAINABLE_SETS = ("all", "latent_adaptation", "decoder_head")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Configs
+@dataclass
+class OptimConfig:
+    lr: float = 6.4e-5  # AdamW; the paper's phase-1 value
+    weight_decay: float = 0.1  # applied to weights (ndim >= 2) only, not to biases and norm scales
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 500  # linear warm-up from lr/warmup to lr, then constant
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+
+
+@dataclass
+class PhaseConfig:
+    phase: int = 1  # 1 low-res full training, 2 high-res latent adaptation, 3 low-res local refinement
+    trainable: str = "all"  # "all" | "latent_adaptation" | "decoder_head" (the model's parameter groups)
+    resolution: int = 256  # square random crops
+    l1_weight: float = 1.0
+    lpips_weight: float = 1.0  # LPIPS(alex), as taming's perceptual_weight
+    use_gan: bool = False  # add the PatchGAN generator loss (and train the discriminator)
+    gan: GANConfig = field(default_factory=GANConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    grad_checkpointing: bool = False  # recompute encoder/decoder stages in backward (saves activation memory)
+
+
+def phase_config(phase: int) -> PhaseConfig:
+    """The defaults of each phase (paper: lr 6.4e-5 / 1.6e-5 / 5.4e-5, wd 0.1 / 1e-3, phase-3 betas (0.5, 0.9))."""
+    if phase == 1:
+        return PhaseConfig(phase=1, trainable="all", resolution=256,
+                           optim=OptimConfig(lr=6.4e-5, weight_decay=0.1, warmup_steps=500))
+    if phase == 2:
+        return PhaseConfig(phase=2, trainable="latent_adaptation", resolution=512, grad_checkpointing=True,
+                           optim=OptimConfig(lr=1.6e-5, weight_decay=1e-3, warmup_steps=200))
+    if phase == 3:
+        return PhaseConfig(phase=3, trainable="decoder_head", resolution=256, use_gan=True,
+                           gan=GANConfig(weight=0.5, adaptive=True, loss="hinge", disc_warmup_steps=200),
+                           optim=OptimConfig(lr=5.4e-5, weight_decay=0.0, betas=(0.5, 0.9), warmup_steps=200))
+    raise DCAEError(f"unknown phase {phase}; choose 1, 2 or 3")
+
+
+@dataclass
+class TrainConfig:
+    preset: str = "dc-ae-tiny-f32c32"  # model preset (ignored when `init` gives a checkpoint)
+    init: str | None = None  # start from these weights: a run dir, a save_pretrained dir, a .safetensors, a Hub id
+    run_dir: str = "runs/dcae"
+    seed: int = 0  # model init, data order, crops
+    steps: int = 1000  # train until this step (a resumed run continues to it)
+    batch_size: int = 8  # per process; the global batch is batch_size * world size
+    precision: str = "auto"  # "fp32" | "bf16" (autocast) | "auto": bf16 on CUDA, fp32 on CPU
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    ema_decay: float = 0.9999
+    sync_batchnorm: bool = True  # CUDA DDP only: one set of BatchNorm statistics over all ranks (gloo has no SyncBN)
+    log_every: int = 10
+    val_every: int = 500  # validation metrics and a sample grid (needs data.val_path)
+    ckpt_every: int = 500
+    keep_checkpoints: int = 3  # older step_N directories are removed
+    max_bad_steps: int = 10  # stop after this many non-finite losses/gradients in a row
+    progress: bool = True  # tqdm bar on rank 0
+    phase: PhaseConfig = field(default_factory=PhaseConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+    """Rebuild a (nested) config dataclass from `config_to_dict`; unknown keys are an error."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise DCAEError(f"{where}: unknown keys {sorted(unknown)}")
+    kwargs = {}
+    for key, value in data.items():
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = config_from_dict(kind, value, f"{where}.{key}")
+        else:
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)
+
+
+def _parse_value(text: str, kind: Any, key: str) -> Any:
+    """A command-line string -> a value of the field's type (bool, int, float, str, tuple, optional)."""
+    args = typing.get_args(kind)
+    if type(None) in args:  # X | None
+        if text.lower() in ("none", "null", ""):
+            return None
+        kind = next(a for a in args if a is not type(None))
+        args = typing.get_args(kind)
+    try:
+        if kind is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if typing.get_origin(kind) is tuple:
+            parts = [p for p in text.strip("()[] ").split(",") if p.strip()]
+            return tuple(_parse_value(p.strip(), a, key) for p, a in zip(parts, args, strict=True))
+        if kind is int:
+            return int(float(text)) if "e" in text.lower() else int(text)
+        if kind in (float, str):
+            return kind(text)
+    except ValueError:
+        raise DCAEError(f"override {key}={text}: expected {getattr(kind, '__name__', kind)}") from None
+    raise DCAEError(f"override {key}: cannot set a field of type {kind}")
+
+
+def resolve_key(config: TrainConfig, key: str) -> str:
+    """Accept short keys: a first part that is a PhaseConfig field means `phase.` (optim.lr -> phase.optim.lr)."""
+    first = key.split(".")[0]
+    top = {f.name for f in dataclasses.fields(TrainConfig)}
+    if first not in top and first in {f.name for f in dataclasses.fields(PhaseConfig)}:
+        return f"phase.{key}"
+    return key
+
+
+def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Return a copy with dotted `key=value` overrides applied, e.g. ["optim.lr=1e-4", "phase.resolution=256"]."""
+    config = copy.deepcopy(config)
+    for item in overrides:
+        if "=" not in item:
+            raise DCAEError(f"override {item!r}: expected key=value (e.g. optim.lr=1e-4)")
+        key, text = item.split("=", 1)
+        key = resolve_key(config, key.strip())
+        *path, name = key.split(".")
+        target = config
+        for part in path:
+            if not dataclasses.is_dataclass(target) or not hasattr(target, part):
+                raise DCAEError(f"override {key}: no config section {part!r}")
+            target = getattr(target, part)
+        if not dataclasses.is_dataclass(target) or name not in {f.name for f in dataclasses.fields(target)}:
+            raise DCAEError(f"override {key}: unknown key {name!r}")
+        kind = typing.get_type_hints(type(target))[name]
+        if dataclasses.is_dataclass(kind):
+            raise DCAEError(f"override {key}: is a section; set one of its keys, e.g. {key}.{dataclasses.fields(kind)[0].name}=...")
+        setattr(target, name, _parse_value(text.strip(), kind, key))
+    return config
+
+
+def check_config(config: TrainConfig) -> None:
+    """Reject values that would fail later with a less clear message."""
+    if config.phase.trainable not in TRAINABLE_SETS:
+        raise DCAEError(f"phase.trainable={config.phase.trainable!r}: choose from {', '.join(TRAINABLE_SETS)}")
+    if config.precision not in ("auto", "fp32", "bf16"):
+        raise DCAEError(f"precision={config.precision!r}: choose auto, fp32 or bf16")
+    for name in ("steps", "batch_size", "log_every", "val_every", "ckpt_every", "max_bad_steps"):
+        if getattr(config, name) < (0 if name == "steps" else 1):
+            raise DCAEError(f"{name}={getattr(config, name)}: must be positive")
+    if config.phase.resolution < 8:
+        raise DCAEError(f"phase.resolution={config.phase.resolution}: too small")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Small named helpers
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: DDP over nccl (CUDA) or gloo (CPU); else a single process."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Dist(device=torch.device("cuda" if use_cuda else "cpu"))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world_size, local_rank, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
+
+
+def trainable_parameters(model: nn.Module, which: str) -> list[nn.Parameter]:
+    """Freeze everything, then unfreeze the phase's parameter set; returns it in a stable order."""
+    chosen = {"all": model.parameters, "latent_adaptation": model.latent_adaptation_parameters,
+              "decoder_head": model.decoder_head_parameters}[which]()
+    chosen_ids = {id(p) for p in chosen}
+    model.requires_grad_(False)
+    params = [p for p in model.parameters() if id(p) in chosen_ids]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def set_train_mode(model: nn.Module) -> None:
+    """model.train(), but modules whose own parameters are all frozen stay in eval (frozen BatchNorm keeps its stats)."""
+    model.train()
+    for module in model.modules():
+        own = list(module.parameters(recurse=False))
+        if own and not any(p.requires_grad for p in own):
+            module.eval()
+
+
+@contextlib.contextmanager
+def _batchnorm_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """During checkpoint recomputation: normalise with batch stats as before, but do not update running stats twice."""
+    saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in module.modules() if isinstance(m, _BatchNorm) and m.training]
+    for m, _, _ in saved:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, tracked in saved:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+
+
+def _checkpointed_forward(module: nn.Module):
+    forward = module.forward
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return forward(x)
+        calls: list[int] = []
+
+        def once_then_recompute(inner: torch.Tensor) -> torch.Tensor:
+            if calls:
+                with _batchnorm_stats_frozen(module):
+                    return forward(inner)
+            calls.append(1)
+            return forward(inner)
+
+        return checkpoint(once_then_recompute, x, use_reentrant=False)
+
+    return run
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> int:
+    """Recompute each non-empty encoder/decoder stage in backward instead of storing its activations.
+
+    Sets an instance-level `forward` on the stage modules (state_dict keys unchanged); returns how many stages.
+    """
+    count = 0
+    for stages in (model.encoder.stages, model.decoder.stages):
+        for stage in stages:
+            if len(stage) > 0:
+                stage.forward = _checkpointed_forward(stage)
+                count += 1
+    return count
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema = decay * ema + (1 - decay) * model for floating tensors (params and BN stats); others copied."""
+    for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
+        if e.is_floating_point():
+            e.lerp_(m.to(e.dtype), 1.0 - decay)
+        else:
+            e.copy_(m)
+
+
+def lr_at(step: int, optim: OptimConfig) -> float:
+    """Linear warm-up over `warmup_steps`, then constant."""
+    if optim.warmup_steps <= 0:
+        return optim.lr
+    return optim.lr * min(1.0, (step + 1) / optim.warmup_steps)
+
+
+def build_optimizer(params: list[nn.Parameter], optim: OptimConfig, lr: float | None = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on weights (ndim >= 2) only."""
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr or optim.lr, betas=tuple(optim.betas),
+                             eps=optim.eps)
+
+
+def last_decoder_layer(model: nn.Module) -> torch.Tensor:
+    """The weight of the decoder's output conv: where taming balances GAN and reconstruction gradients."""
+    weights = [p for p in model.decoder_head_parameters() if p.ndim == 4]
+    return weights[-1]
+
+
+def all_finite(module: nn.Module) -> bool:
+    return all(torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point())
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint: the `latest` pointer, else the highest complete step_N directory."""
+    root = checkpoint_dir(Path(run_dir))
+    pointer = root / "latest"
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / "state.pt").is_file():
+            return candidate
+    complete = sorted(p for p in root.glob("step_*") if (p / "state.pt").is_file()) if root.is_dir() else []
+    return complete[-1] if complete else None
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def _replace_with_link(source: Path, target: Path) -> None:
+    """Atomically make `target` hold `source`'s bytes (hard link if possible, else a copy), via a temp name."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: nn.Module, state: dict[str, Any],
+                    config: TrainConfig) -> Path:
+    """Write checkpoints/step_N atomically (temp dir, rename, then the `latest` pointer) and refresh the top level."""
+    if not (all_finite(model) and all_finite(ema)):
+        raise DCAEError(f"step {step}: refusing to save a checkpoint with non-finite weights")
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:08d}"
+    final, tmp = root / name, root / f".tmp_{name}"
+    if not (final / "state.pt").is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)  # model.safetensors (config in metadata) + config.json
+        ema.save_pretrained(tmp / "ema")
+        os.replace(tmp / "ema" / "model.safetensors", tmp / "ema.safetensors")
+        shutil.rmtree(tmp / "ema")
+        torch.save(state, tmp / "state.pt")
+        (tmp / "train_config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+        _fsync_tree(tmp)
+        if os.environ.get(CHECKPOINT_SLEEP_ENV):  # test hook: a SIGKILL landing here must not break the run
+            time.sleep(float(os.environ[CHECKPOINT_SLEEP_ENV]))
+        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same step (no state.pt)
+        os.rename(tmp, final)
+    pointer_tmp = root / ".latest.tmp"
+    pointer_tmp.write_text(name + "\n")
+    os.replace(pointer_tmp, root / "latest")
+    _replace_with_link(final / "model.safetensors", run_dir / "model.safetensors")
+    _replace_with_link(final / "ema.safetensors", run_dir / "ema.safetensors")
+    prune_checkpoints(root, config.keep_checkpoints, keep=final)
+    return final
+
+
+def prune_checkpoints(root: Path, keep_last: int, keep: Path) -> None:
+    """Remove all but the newest `keep_last` complete checkpoints (never `keep`), and stale temp dirs."""
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in steps[:-keep_last] if keep_last > 0 else []:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp_step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """state.pt holds only tensors and plain containers: loaded with weights_only=True."""
+    return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation and logs
+@torch.no_grad()
+def validate(model: nn.Module, images: torch.Tensor, lpips: nn.Module, d: Dist, precision: str,
+             batch_size: int = 4) -> dict[str, float]:
+    """PSNR (through uint8, as dcae.metrics) and LPIPS of reconstructions, split over ranks and summed.
+
+    Leaves the model in eval mode (the caller restores its training mode: frozen layers must stay in eval).
+    """
+    from dcae.metrics import MeanAccumulator, psnr, quantize
+
+    model.eval()
+    psnrs, lpipss = MeanAccumulator(), MeanAccumulator()
+    mine = images[d.rank::d.world_size]
+    for i in range(0, len(mine), batch_size):
+        x = mine[i:i + batch_size].to(d.device)
+        with autocast(d.device, precision):
+            y = model(x).float()
+        psnrs.update(psnr(quantize(x), quantize(y)))
+        lpipss.update(lpips(y.clamp(-1, 1), x))
+    psnrs.all_reduce()
+    lpipss.all_reduce()
+    return {"val_psnr": psnrs.mean, "val_lpips": lpipss.mean}
+
+
+@torch.no_grad()
+def save_sample_grid(path: Path, model: nn.Module, images: torch.Tensor, device: torch.device, precision: str) -> None:
+    """Up to 8 images in a row over their reconstructions, one PNG (leaves the model in eval mode)."""
+    from dcae.images import write_image
+    from dcae.metrics import to_uint8
+
+    model.eval()
+    x = images[:8].to(device)
+    with autocast(device, precision):
+        y = model(x).float()
+    rows = [torch.cat(list(to_uint8(t).cpu()), dim=2) for t in (x, y)]  # each (3, R, n*R)
+    write_image(path, torch.cat(rows, dim=1))
+
+
+class JsonlLog:
+    """Append-only JSON-lines log (rank 0 only)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def write(self, **record: Any) -> None:
+        if self.path is None:
+            return
+        record = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag that the loop checks after each step (then it checkpoints and stops)."""
+
+    def __init__(self):
+        self.requested, self.signal_name, self._previous = False, "", {}
+
+    def __enter__(self) -> "StopFlag":
+        if threading_is_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested, self.signal_name = True, signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def reduce_mean(values: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Average a float64 vector over ranks (identity in one process)."""
+    if d.world_size == 1:
+        return values
+    values = values.to(d.device)
+    dist.all_reduce(values)
+    return (values / d.world_size).cpu()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The training loop
+METRICS = ("loss", "l1", "lpips", "g_loss", "gan_weight", "d_loss", "grad_norm", "bad", "skipped", "stop")
+
+
+def build_model(config: TrainConfig, resume_from: Path | None) -> nn.Module:
+    import dcae
+
+    torch.manual_seed(config.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    if resume_from is not None:
+        return dcae.DCAE.from_pretrained(resume_from)
+    if config.init:
+        return dcae.DCAE.from_pretrained(config.init)
+    try:
+        return dcae.create_model(config.preset)
+    except KeyError as error:
+        raise DCAEError(str(error).strip("'\"")) from None
+
+
+def wrap_ddp(module: nn.Module, d: Dist, sync_batchnorm: bool = False) -> nn.Module:
+    """DDP over the trainable parameters when distributed (SyncBatchNorm on CUDA if asked); the module itself otherwise."""
+    if d.world_size == 1:
+        return module
+    if sync_batchnorm and d.device.type == "cuda":
+        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return DDP(module, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+
+class MetricWindow:
+    """Sums of the reduced metrics between two log lines, and the seconds spent in training steps."""
+
+    def __init__(self):
+        self.total, self.good_steps, self.steps, self.seconds = torch.zeros(len(METRICS), dtype=torch.float64), 0, 0, 0.0
+
+    def add(self, vector: torch.Tensor, bad: bool, seconds: float) -> None:
+        self.steps, self.seconds = self.steps + 1, self.seconds + seconds
+        if not bad:
+            self.total += vector
+            self.good_steps += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: float(self.total[i] / max(self.good_steps, 1)) for i, k in enumerate(METRICS)
+                if k not in ("bad", "skipped", "stop")}
+
+
+class Trainer:
+    """What one phase's training holds: model, EMA, optimizers, losses, data stream, step and counters."""
+
+    def __init__(self, config: TrainConfig, d: Dist, resume_from: Path | None):
+        self.config, self.d, self.phase = config, d, config.phase
+        self.precision = config.precision if config.precision != "auto" else \
+            ("bf16" if d.device.type == "cuda" else "fp32")
+        self.run_dir = Path(config.run_dir)
+        self.model = build_model(config, resume_from).to(d.device)
+        if config.init and resume_from is None:  # record what was actually trained
+            self.config = config = dataclasses.replace(config, preset=self.model.config.name)
+        factor = self.model.spatial_factor
+        for name, size in (("phase.resolution", self.phase.resolution), ("data.val_resolution", config.data.val_resolution)):
+            if size is not None and size % factor:
+                raise DCAEError(f"{name}={size}: must be a multiple of the model's spatial factor {factor}")
+        self.params = trainable_parameters(self.model, self.phase.trainable)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()  # before checkpointing patches forward
+        if self.phase.grad_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        self.optimizer = build_optimizer(self.params, self.phase.optim)
+        self.ddp_model = wrap_ddp(self.model, d, config.sync_batchnorm)
+        self.reconstruction = ReconstructionLoss(self.phase.l1_weight, self.phase.lpips_weight).to(d.device)
+        self.gan: GANLoss | None = None
+        if self.phase.use_gan:
+            self.gan = GANLoss(self.phase.gan).to(d.device).train()
+            self.disc_optimizer = torch.optim.AdamW(
+                self.gan.discriminator.parameters(), lr=self.phase.gan.disc_lr or self.phase.optim.lr,
+                betas=tuple(self.phase.optim.betas), weight_decay=0.0)
+            self.ddp_disc = wrap_ddp(self.gan.discriminator, d)
+            self.last_layer = last_decoder_layer(self.model)
+        self.step, self.counters = 0, {"skipped_images": 0, "bad_steps": 0, "bad_in_row": 0}
+        data_state = self.restore(load_state(resume_from), resume_from) if resume_from is not None else None
+        self.stream = TrainStream(config.data, self.phase.resolution, config.batch_size, config.seed, d.rank,
+                                  d.world_size, data_state)
+        self.val_images = load_validation_images(config.data, config.data.val_resolution or self.phase.resolution)
+        self.lpips = self.reconstruction.perceptual
+        if len(self.val_images) and self.lpips is None:
+            from dcae.perceptual import LPIPS
+
+            self.lpips = LPIPS("alex").to(d.device)
+        self.log = JsonlLog(self.run_dir / "log.jsonl" if d.is_main else None)
+
+    def restore(self, state: dict[str, Any], source: Path) -> dict[str, Any]:
+        """Load optimizer/EMA/discriminator/RNG/counters from a checkpoint; returns this rank's data position."""
+        from dcae.weights import load_state_dict_strict, read_safetensors
+
+        load_state_dict_strict(self.ema, read_safetensors(source / "ema.safetensors")[0], str(source))
+        self.step, self.counters = int(state["step"]), dict(state["counters"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.gan is not None and state.get("discriminator") is not None:
+            self.gan.discriminator.load_state_dict(state["discriminator"])
+            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.d.device.type == "cuda" and state["rng"].get("cuda"):
+            torch.cuda.set_rng_state(state["rng"]["cuda"][0])
+        per_rank = state["data"]
+        if per_rank[0]["kind"] == "shards" and len(per_rank) != self.d.world_size:
+            raise DCAEError(f"{source}: saved with {len(per_rank)} processes; shard data resumes only with the same number")
+        return per_rank[min(self.d.rank, len(per_rank) - 1)]
+
+    def train_step(self, x: torch.Tensor, skipped: int, stop_requested: bool) -> tuple[torch.Tensor, bool]:
+        """One optimizer step (phase 3: and one discriminator step); a non-finite step is undone and counted.
+
+        Returns the metrics averaged over ranks (in METRICS order) and whether the step was dropped.
+        """
+        phase, d = self.phase, self.d
+        lr = lr_at(self.step, phase.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        buffers_before = [b.clone() for b in self.model.buffers()]  # BatchNorm stats move in forward: undo if bad
+        with autocast(d.device, self.precision):
+            y = self.ddp_model(x)  # (B, 3, R, R)
+            loss, logs = self.reconstruction(x, y)
+            if self.gan is not None:
+                self.gan.discriminator.requires_grad_(False)  # the generator's loss must not train the critic
+                g_term, g_logs = self.gan.generator_loss(y, loss, self.step, self.last_layer,
+                                                         discriminator=self.gan.discriminator)
+                self.gan.discriminator.requires_grad_(True)
+                loss = loss + g_term
+                logs.update(g_logs)
+        loss.backward()  # every rank always runs backward (keeps DDP in step); a bad step is dropped below
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, phase.optim.grad_clip or float("inf"))
+        values = {"loss": loss.detach(), "grad_norm": grad_norm, "skipped": float(skipped),
+                  "stop": float(stop_requested), **logs}
+        bad_local = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
+        if self.gan is not None:
+            with autocast(d.device, self.precision):
+                d_loss, d_logs = self.gan.discriminator_loss(x, y, discriminator=self.ddp_disc)
+            self.disc_optimizer.zero_grad(set_to_none=True)
+            d_loss.backward()
+            d_norm = torch.nn.utils.clip_grad_norm_(self.gan.discriminator.parameters(),
+                                                    phase.optim.grad_clip or float("inf"))
+            values["d_loss"] = d_logs["d_loss"]
+            bad_local = bad_local or not (torch.isfinite(d_loss) and torch.isfinite(d_norm))
+        values["bad"] = float(bad_local)
+        vector = torch.tensor([float(values.get(k, 0.0)) for k in METRICS], dtype=torch.float64)
+        vector = reduce_mean(vector, d)  # one all-reduce: metrics, the bad-step flag and the stop flag
+        bad = bool(vector[METRICS.index("bad")] > 0) or not bool(torch.isfinite(vector[: METRICS.index("bad")]).all())
+        if bad:
+            with torch.no_grad():
+                for buffer, before in zip(self.model.buffers(), buffers_before):
+                    buffer.copy_(before)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.gan is not None:
+                self.disc_optimizer.zero_grad(set_to_none=True)
+            self.counters["bad_steps"] += 1
+            self.counters["bad_in_row"] += 1
+            self.log.write(event="nonfinite", step=self.step, bad_in_row=self.counters["bad_in_row"])
+            if self.counters["bad_in_row"] >= self.config.max_bad_steps:
+                raise DCAEError(f"{self.counters['bad_in_row']} non-finite losses or gradients in a row at step "
+                                f"{self.step}; stopped (last checkpoint: {latest_checkpoint(self.run_dir)})")
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.gan is not None:
+                self.disc_optimizer.step()
+            update_ema(self.ema, self.model, self.config.ema_decay)
+            self.counters["bad_in_row"] = 0
+        self.counters["skipped_images"] += int(round(float(vector[METRICS.index("skipped")]) * d.world_size))
+        self.step += 1
+        return vector, bad
+
+    def log_window(self, window: MetricWindow) -> dict[str, float]:
+        """Write one log line of window means; returns them."""
+        means = window.means()
+        if not self.phase.use_gan:
+            for k in ("g_loss", "gan_weight", "d_loss"):
+                means.pop(k)
+        if self.phase.lpips_weight <= 0:
+            means.pop("lpips")
+        images_per_s = window.steps * self.config.batch_size * self.d.world_size / max(window.seconds, 1e-9)
+        self.log.write(step=self.step, lr=lr_at(self.step - 1, self.phase.optim), images_per_s=images_per_s,
+                       skipped_images=self.counters["skipped_images"], bad_steps=self.counters["bad_steps"], **means)
+        return {"loss": means["loss"], "images_per_s": images_per_s}
+
+    def data_positions(self) -> list[dict]:
+        """Every rank's data position (gathered to all ranks)."""
+        if self.d.world_size == 1:
+            return [self.stream.state_dict()]
+        states: list[Any] = [None] * self.d.world_size
+        dist.all_gather_object(states, self.stream.state_dict())
+        return states
+
+    def save(self) -> None:
+        """Checkpoint (rank 0 writes; all ranks take part in gathering data positions)."""
+        positions = self.data_positions()
+        if self.d.is_main:
+            state = {"step": self.step, "counters": self.counters, "data": positions,
+                     "optimizer": self.optimizer.state_dict(),
+                     "discriminator": self.gan.discriminator.state_dict() if self.gan is not None else None,
+                     "disc_optimizer": self.disc_optimizer.state_dict() if self.gan is not None else None,
+                     "rng": {"torch": torch.get_rng_state(),
+                             "cuda": [torch.cuda.get_rng_state()] if self.d.device.type == "cuda" else []},
+                     "world_size": self.d.world_size, "batch_size": self.config.batch_size}
+            path = save_checkpoint(self.run_dir, self.step, self.model, self.ema, state, self.config)
+            self.log.write(event="checkpoint", step=self.step, path=str(path))
+        if self.d.world_size > 1:
+            dist.barrier()
+
+    def validate(self) -> dict[str, float] | None:
+        """Validation metrics (all ranks) and a sample grid (rank 0), if there is validation data."""
+        if not len(self.val_images):
+            return None
+        metrics = validate(self.model, self.val_images, self.lpips, self.d, self.precision)
+        if self.d.is_main:
+            save_sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png", self.model, self.val_images,
+                             self.d.device, self.precision)
+            self.log.write(event="val", step=self.step, **metrics)
+        set_train_mode(self.model)
+        return metrics
+
+
+def train(config: TrainConfig, resume: bool = False) -> Path:
+    """Train one phase until `config.steps`; returns the run directory. `resume=True` continues its latest checkpoint.
+
+    SIGINT/SIGTERM: checkpoint at the end of the current step, then raise KeyboardInterrupt.
+    """
+    from tqdm import tqdm
+
+    check_config(config)
+    d = init_distributed(config.device)
+    run_dir = Path(config.run_dir)
+    resume_from = latest_checkpoint(run_dir) if resume else None
+    if resume and resume_from is None:
+        raise DCAEError(f"{run_dir}: no checkpoint to resume from")
+    if not resume and latest_checkpoint(run_dir) is not None:
+        raise DCAEError(f"{run_dir}: already holds a training run; pass --resume to continue it or choose another --run-dir")
+    trainer = Trainer(config, d, resume_from)
+    config = trainer.config
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+        trainer.log.write(event="resume" if resume_from else "start", step=trainer.step, world_size=d.world_size,
+                          device=str(d.device), precision=trainer.precision, data=trainer.stream.kind,
+                          trainable_params=sum(p.numel() for p in trainer.params),
+                          total_params=sum(p.numel() for p in trainer.model.parameters()),
+                          resumed_from=str(resume_from) if resume_from else None)
+    bar = tqdm(total=config.steps, initial=trainer.step, disable=not (d.is_main and config.progress),
+               dynamic_ncols=True, desc=f"phase {config.phase.phase}")
+
+    def validate_and_report() -> None:
+        metrics = trainer.validate()
+        if metrics is not None and d.is_main:
+            bar.write(f"step {trainer.step}: val PSNR {metrics['val_psnr']:.2f} dB, LPIPS {metrics['val_lpips']:.4f}")
+
+    set_train_mode(trainer.model)
+    window, interrupted = MetricWindow(), ""
+    if resume_from is None:
+        validate_and_report()
+    try:
+        with StopFlag() as stop:
+            while trainer.step < config.steps:
+                started = time.perf_counter()
+                x, skipped = next(trainer.stream)
+                vector, bad = trainer.train_step(x.to(d.device, non_blocking=True), skipped, stop.requested)
+                window.add(torch.nan_to_num(vector), bad, time.perf_counter() - started)
+                bar.update(1)
+                step = trainer.step
+                if step % config.log_every == 0 or step == config.steps:
+                    shown = trainer.log_window(window)
+                    bar.set_postfix(loss=f"{shown['loss']:.4f}", img_s=f"{shown['images_per_s']:.1f}")
+                    window = MetricWindow()
+                if step % config.val_every == 0 and step < config.steps:
+                    validate_and_report()
+                if vector[METRICS.index("stop")] > 0:
+                    interrupted = stop.signal_name or "a signal on another rank"
+                    break
+                if step % config.ckpt_every == 0 and step < config.steps:
+                    trainer.save()
+            trainer.save()
+            if not interrupted:
+                validate_and_report()
+    finally:
+        bar.close()
+        trainer.stream.close()
+    if interrupted:
+        if d.is_main:
+            trainer.log.write(event="stop", step=trainer.step, reason=interrupted)
+            print(f"dcae train: stopped by {interrupted} at step {trainer.step}; checkpoint saved. "
+                  f"Continue with: dcae train --resume {run_dir}", flush=True)
+        raise KeyboardInterrupt
+    if d.is_main:
+        trainer.log.write(event="done", step=trainer.step, skipped_images=trainer.counters["skipped_images"],
+                          bad_steps=trainer.counters["bad_steps"])
+    return run_dir
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """The TrainConfig saved in a run directory, with overrides (e.g. a new `steps`) applied."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise DCAEError(f"{run_dir}: not a training run (no config.json)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DCAEError(f"{path}: not valid JSON ({error.msg})") from None
+    if "recipe" in data:
+        raise DCAEError(f"{run_dir}: is a recipe run; resume it with --recipe three-phase --resume {run_dir}")
+    config = config_from_dict(TrainConfig, data, str(path))
+    return apply_overrides(dataclasses.replace(config, run_dir=str(run_dir)), list(overrides))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The three-phase recipe
+def recipe_configs(base: TrainConfig, phase_steps: tuple[int, int, int], low_resolution: int | None,
+                   overrides: list[str]) -> list[TrainConfig]:
+    """Phase 1 -> 2 -> 3 configs under base.run_dir/phaseK, each initialised from the previous phase's run.
+
+    `low_resolution` sets phases 1 and 3 (phase 2 gets twice it); `phaseK.key=value` overrides go to phase K only,
+    other overrides to all three.
+    """
+    configs = []
+    for k in (1, 2, 3):
+        phase = phase_config(k)
+        if low_resolution:
+            phase.resolution = low_resolution * (2 if k == 2 else 1)
+        config = dataclasses.replace(base, phase=phase, steps=phase_steps[k - 1],
+                                     run_dir=str(Path(base.run_dir) / f"phase{k}"),
+                                     init=base.init if k == 1 else str(Path(base.run_dir) / f"phase{k - 1}"))
+        configs.append(apply_overrides(config, phase_overrides(overrides, k)))
+    return configs
+
+
+def phase_overrides(overrides: list[str], k: int) -> list[str]:
+    """The overrides that apply to recipe phase k: the shared ones, then `phaseK.key=value` as `key=value`."""
+    shared = [o for o in overrides if not o.split("=", 1)[0].startswith(("phase1.", "phase2.", "phase3."))]
+    return shared + [o.split(".", 1)[1] for o in overrides if o.startswith(f"phase{k}.")]
+
+
+def train_recipe(configs: list[TrainConfig], resume: bool = False) -> Path:
+    """Run the phases in order; a finished phase is skipped on resume. The top level gets the final weights."""
+    run_dir = Path(configs[0].run_dir).parent
+    d = init_distributed(configs[0].device)
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(
+            {"recipe": "three-phase", "phases": [config_to_dict(c) for c in configs]}, indent=2) + "\n")
+    for config in configs:
+        latest = latest_checkpoint(config.run_dir)
+        done = latest is not None and int(load_state(latest)["step"]) >= config.steps
+        if not done:
+            train(config, resume=resume and latest is not None)
+    if d.is_main:
+        final = Path(configs[-1].run_dir)
+        for name in ("model.safetensors", "ema.safetensors"):
+            _replace_with_link(final / name, run_dir / name)
+    return run_dir

@@ -1,0 +1,805 @@
+"""Fuzzing every parser of outside data (issue 9): images, latent files, checkpoints and configs, tar shards, CLI values.
+
+Each parser has a hypothesis strategy of hostile inputs (`*_inputs`) and a checker (`check_*`) that states the contract:
+a result of the right shape, or a clean `DCAEError` (for the CLI: a non-zero exit and one `dcae <cmd>: error:` line, or
+argparse's usage error); never another exception type, never a hang (an alarm per input), never a huge allocation (an
+address-space cap while the parser runs, and the resident-set high-water mark measured around it). The default suite
+runs a few dozen inputs per parser; `scripts/fuzz.py` runs the same strategies and checkers for thousands.
+
+Bugs this file found carry a `@pytest.mark.xfail(strict=True)` marker below (`OPEN_*`) and a deterministic `@example`
+that reproduces them; docs/hardening.md gives each fix. Delete the marker once its fix is in.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+import resource
+import signal
+import struct
+import tarfile
+import tempfile
+import zlib
+from functools import cache
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import dcae
+from dcae.autoencoder import DCAEConfig, DecoderConfig, EncoderConfig
+from dcae.errors import DCAEError
+
+HANG_SECONDS = 60  # per input; generous because the CI machine may be shared
+EXAMPLES = 25  # per parser in the default suite; scripts/fuzz.py runs many more
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, phases=[Phase.explicit, Phase.generate],
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+
+# Open bugs (see docs/hardening.md for the fix of each); each test that reproduces one is marked with it.
+OPEN_CONFIG_VALIDATION = pytest.mark.xfail(strict=True, reason=(
+    "DCAEConfig.from_dict / weights._load_file build the model from unchecked values: wrong types and absurd sizes "
+    "raise TypeError/RuntimeError/ZeroDivisionError or allocate gigabytes instead of a DCAEError"))
+OPEN_OVERRIDE_OVERFLOW = pytest.mark.xfail(strict=True, reason=(
+    "train._parse_value: int(float('1e999')) raises OverflowError, which escapes as a traceback"))
+OPEN_QUALITY_RANGE = pytest.mark.xfail(strict=True, reason=(
+    "commands.reconstruct.check_options does not check --quality: webp raises ValueError (traceback), jpg accepts 1000"))
+OPEN_METRICS_SMALL = pytest.mark.xfail(strict=True, reason=(
+    "commands.metrics: LPIPS(alex) on images under 31 px raises RuntimeError (traceback)"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Guards: hang, address space, resident memory
+class Hang(Exception):
+    """A parser ran past HANG_SECONDS on one input."""
+
+
+def _vm_size() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _rss_hwm() -> int | None:
+    """The resident-set high-water mark in bytes (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_rss_hwm() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def guarded(seconds: float | None = None, cap_bytes: int = 3 << 30, max_growth: int | None = 512 << 20
+            ) -> Iterator[None]:
+    """Run a parser under an alarm, an address-space cap of current + `cap_bytes`, and a resident-growth check.
+
+    The cap keeps a bug from taking the machine down (the allocation fails instead); the growth check makes a large
+    but successful allocation a test failure.
+    """
+    seconds = seconds or HANG_SECONDS  # read at call time: scripts/fuzz.py may shorten it
+
+    def on_alarm(signum, frame):
+        raise Hang(f"no result after {seconds} s")
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = _vm_size() + cap_bytes
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    baseline = _rss_hwm() if _reset_rss_hwm() else None
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield
+    finally:  # checked on the way out whether the parser returned or raised: an error after 2 GiB is still a bug
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        growth = (_rss_hwm() or 0) - baseline if baseline is not None else 0
+        if max_growth is not None and growth > max_growth:
+            raise AssertionError(f"resident memory grew by {growth / 2**20:.0f} MiB (limit {max_growth / 2**20:.0f})")
+
+
+def one_line_dcae_error(error: BaseException) -> None:
+    assert isinstance(error, DCAEError), f"{type(error).__name__}: {error}"
+    assert str(error).strip() and "\n" not in str(error).strip(), f"not one line: {error!r}"
+
+
+def expect_clean(fn: Callable[[], Any], **guard: Any) -> Any:
+    """fn() under `guarded`: its result, or None after a one-line DCAEError; anything else fails the check."""
+    try:
+        with guarded(**guard):
+            return fn()
+    except DCAEError as error:
+        one_line_dcae_error(error)
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Byte-level mutations shared by every binary format
+def _apply(data: bytes, op: tuple) -> bytes:
+    kind = op[0]
+    n = max(len(data), 1)
+    if kind == "truncate":
+        return data[: op[1] % n]
+    if kind == "flip":
+        pos = op[1] % n
+        return data[:pos] + bytes([data[pos] ^ (1 << op[2])]) + data[pos + 1:] if data else data
+    if kind == "insert":
+        pos = op[1] % n
+        return data[:pos] + op[2] + data[pos:]
+    if kind == "overwrite":
+        pos = op[1] % n
+        return data[:pos] + op[2] + data[pos + len(op[2]):]
+    if kind == "delete":
+        pos = op[1] % n
+        return data[:pos] + data[pos + op[2]:]
+    raise ValueError(kind)
+
+
+BYTE_OPS = st.one_of(
+    st.tuples(st.just("truncate"), st.integers(0, 1 << 20)),
+    st.tuples(st.just("flip"), st.integers(0, 1 << 20), st.integers(0, 7)),
+    st.tuples(st.just("insert"), st.integers(0, 1 << 20), st.binary(min_size=1, max_size=16)),
+    st.tuples(st.just("overwrite"), st.integers(0, 1 << 20),
+              st.sampled_from([b"\xff\xff\xff\xff", b"\x00\x00\x00\x00", b"\x7f\xff\xff\xff", b"\x80\x00\x00\x00"])
+              | st.binary(min_size=1, max_size=8)),
+    st.tuples(st.just("delete"), st.integers(0, 1 << 20), st.integers(1, 64)),
+)
+
+
+def mutate(data: bytes, ops: list[tuple]) -> bytes:
+    for op in ops:
+        data = _apply(data, op)
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Images: every format Pillow decodes for us, mutated; declared sizes patched in the headers
+def _encode(image: Image.Image, fmt: str, **options: Any) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+@cache
+def image_seeds() -> dict[str, bytes]:
+    """Small valid files of each format and several modes (16x12: big enough for real structure)."""
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8))
+    rgba = Image.fromarray(rng.integers(0, 256, (12, 16, 4), dtype=np.uint8), "RGBA")
+    gray16 = Image.fromarray(rng.integers(0, 65536, (12, 16), dtype=np.uint16))
+    return {
+        "png": _encode(rgb, "PNG"),
+        "png_rgba": _encode(rgba, "PNG"),
+        "png_16bit": _encode(gray16, "PNG"),
+        "jpeg": _encode(rgb, "JPEG", quality=90),
+        "jpeg_progressive": _encode(rgb, "JPEG", progressive=True),
+        "webp": _encode(rgb, "WEBP", quality=80),
+        "webp_lossless": _encode(rgba, "WEBP", lossless=True),
+        "tiff": _encode(rgb, "TIFF"),
+        "tiff_deflate": _encode(rgb, "TIFF", compression="tiff_adobe_deflate"),
+        "gif": _encode(rgb.convert("P"), "GIF"),
+        "gif_animated": _encode(rgb.convert("P"), "GIF", save_all=True, append_images=[rgba.convert("P")]),
+        "bmp": _encode(rgb, "BMP"),
+    }
+
+
+def declare_size(data: bytes, width: int, height: int) -> bytes:
+    """Patch the declared width and height in the header (the decompression-bomb case), leaving the pixels short."""
+    b = bytearray(data)
+    if data[:8] == b"\x89PNG\r\n\x1a\n":  # IHDR at 8: length, type, width, height, ..., CRC over type + fields
+        b[16:24] = struct.pack(">II", width & 0xFFFFFFFF, height & 0xFFFFFFFF)
+        b[29:33] = struct.pack(">I", zlib.crc32(bytes(b[12:29])))
+    elif data[:3] == b"GIF":  # logical screen and the first image descriptor
+        b[6:10] = struct.pack("<HH", width & 0xFFFF, height & 0xFFFF)
+        pos = data.find(b"\x2c", 13)
+        if pos > 0:
+            b[pos + 5:pos + 9] = struct.pack("<HH", width & 0xFFFF, height & 0xFFFF)
+    elif data[:2] == b"BM":
+        b[18:26] = struct.pack("<ii", width & 0x7FFFFFFF, height & 0x7FFFFFFF)
+    elif data[:2] == b"\xff\xd8":  # the first SOFn marker: precision, height, width
+        for marker in (b"\xff\xc0", b"\xff\xc2"):
+            pos = data.find(marker)
+            if pos > 0:
+                b[pos + 5:pos + 9] = struct.pack(">HH", height & 0xFFFF, width & 0xFFFF)
+                break
+    elif data[:4] == b"RIFF" and data[12:16] == b"VP8 ":  # lossy frame header: 14-bit sizes
+        b[26:30] = struct.pack("<HH", width & 0x3FFF, height & 0x3FFF)
+    elif data[:4] == b"RIFF" and data[12:16] == b"VP8L":  # lossless: 14-bit (size - 1) fields packed after 0x2f
+        bits = ((width - 1) & 0x3FFF) | (((height - 1) & 0x3FFF) << 14) | (data[24] >> 4 & 0xF) << 28
+        b[21:25] = struct.pack("<I", bits)
+    elif data[:4] == b"II*\x00":  # little-endian TIFF: ImageWidth (256) and ImageLength (257) in the first IFD
+        ifd = struct.unpack("<I", data[4:8])[0]
+        count = struct.unpack("<H", data[ifd:ifd + 2])[0]
+        for i in range(count):
+            entry = ifd + 2 + 12 * i
+            tag, kind = struct.unpack("<HH", data[entry:entry + 4])
+            if tag in (256, 257):
+                value = width if tag == 256 else height
+                b[entry + 2:entry + 4] = struct.pack("<H", 4)  # LONG
+                b[entry + 8:entry + 12] = struct.pack("<I", value & 0xFFFFFFFF)
+    return bytes(b)
+
+
+SIZES = st.one_of(st.integers(0, 64), st.integers(1 << 14, 1 << 16), st.integers(1 << 30, (1 << 32) - 1))
+
+
+@st.composite
+def image_inputs(draw) -> bytes:
+    seeds = image_seeds()
+    data = seeds[draw(st.sampled_from(sorted(seeds)))]
+    if draw(st.booleans()):
+        data = declare_size(data, draw(SIZES), draw(SIZES))
+    data = mutate(data, draw(st.lists(BYTE_OPS, max_size=4)))
+    if draw(st.integers(0, 19)) == 0:
+        data = draw(st.binary(max_size=256))  # or no image at all
+    return data
+
+
+IMAGE_MAX_PIXELS = 1 << 16  # small, so that the limit itself is exercised
+
+
+def check_image(data: bytes) -> None:
+    """read_image and the shard decoder: (3, H, W) uint8 within the pixel limit, or their clean errors."""
+    from dcae.data import SkippedImage, decode_image_bytes
+    from dcae.images import read_image_with_alpha
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "input.img"
+        path.write_bytes(data)
+        result = expect_clean(lambda: read_image_with_alpha(path, max_pixels=IMAGE_MAX_PIXELS), max_growth=256 << 20)
+    if result is not None:
+        rgb, alpha = result
+        assert rgb.dtype == torch.uint8 and rgb.ndim == 3 and rgb.shape[0] == 3
+        assert rgb.shape[1] * rgb.shape[2] <= IMAGE_MAX_PIXELS
+        assert alpha is None or (alpha.dtype == torch.uint8 and alpha.shape == (1, *rgb.shape[1:]))
+    try:
+        with guarded(max_growth=256 << 20):
+            image = decode_image_bytes(data, max_pixels=IMAGE_MAX_PIXELS)
+        assert image.dtype == torch.uint8 and image.shape[0] == 3 and image.shape[1] * image.shape[2] <= IMAGE_MAX_PIXELS
+    except SkippedImage:
+        pass
+
+
+@FUZZ
+@given(image_inputs())
+@example(declare_size(image_seeds()["png"], 100_000, 100_000))  # a decompression bomb header
+@example(b"")
+def test_fuzz_image_decoding(data):
+    check_image(data)
+
+
+def test_image_pixel_limit_is_checked_from_the_header(tmp_path):
+    """A 3 GB-pixel PNG header with no pixels: refused from its header, in milliseconds and without memory."""
+    path = tmp_path / "bomb.png"
+    path.write_bytes(declare_size(image_seeds()["png"], 60_000, 50_000))
+    from dcae.images import read_image
+
+    with pytest.raises(DCAEError, match="over the limit"), guarded(seconds=20, max_growth=64 << 20):
+        read_image(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# safetensors files: header-level mutations (the JSON header and its length prefix), then byte-level ones
+def split_safetensors(data: bytes) -> tuple[dict, bytes]:
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + length]), data[8 + length:]
+
+
+def join_safetensors(header: dict, body: bytes, length: int | None = None) -> bytes:
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text) if length is None else length & 0xFFFFFFFFFFFFFFFF) + text + body
+
+
+JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 40), 1 << 40),
+                      st.sampled_from([0, -1, 1 << 31, 10 ** 9, 10 ** 18, 1 << 64]),
+                      st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+                      st.sampled_from(["F32", "F16", "BF16", "F64", "I64", "U8", "BOOL", "F8_E4M3", "C64", "nope"]))
+JSON_VALUES = st.recursive(JSON_LEAF, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.text(max_size=8), inner, max_size=4), max_leaves=8)
+DTYPES = st.sampled_from(["F32", "F16", "BF16", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3",
+                          "F8_E5M2", "U64", "C64", "XX", ""])
+SHAPES = st.lists(st.one_of(st.integers(-2, 40), st.sampled_from([0, 1 << 20, 1 << 31, 1 << 40, 1 << 62])),
+                  max_size=5)
+OFFSETS = st.lists(st.one_of(st.integers(-4, 4096), st.sampled_from([1 << 31, 1 << 40, 1 << 63])), min_size=0,
+                   max_size=3)
+
+
+@st.composite
+def header_ops(draw, header: dict) -> list[tuple]:
+    """Edits of a safetensors JSON header: metadata values, a tensor's dtype/shape/offsets, keys, the length prefix."""
+    tensors = sorted(k for k in header if k != "__metadata__")
+    meta_keys = sorted(header.get("__metadata__", {})) + ["height", "width", "dcae_config", "dcae_format", "other"]
+    op = st.one_of(
+        st.tuples(st.just("meta"), st.sampled_from(meta_keys), st.text(max_size=24)
+                  | st.sampled_from(["0", "-1", "1e999", "nan", "99999999999999999999", "[1,2]", "{}", "efficientvit",
+                                     "diffusers", "dcae"])),
+        st.tuples(st.just("meta_raw"), JSON_VALUES),
+        st.tuples(st.just("dtype"), st.sampled_from(tensors), DTYPES),
+        st.tuples(st.just("shape"), st.sampled_from(tensors), SHAPES),
+        st.tuples(st.just("offsets"), st.sampled_from(tensors), OFFSETS),
+        st.tuples(st.just("drop"), st.sampled_from(tensors)),
+        st.tuples(st.just("rename"), st.sampled_from(tensors), st.text(max_size=20)),
+        st.tuples(st.just("entry"), st.sampled_from(tensors), JSON_VALUES),
+        st.tuples(st.just("length"), st.one_of(st.integers(0, 1 << 20), st.sampled_from([1 << 32, 1 << 63]))),
+    )
+    return draw(st.lists(op, min_size=1, max_size=3))
+
+
+def apply_header_ops(data: bytes, ops: list[tuple]) -> bytes:
+    header, body = split_safetensors(data)
+    header = copy.deepcopy(header)
+    length = None
+    for op in ops:
+        kind = op[0]
+        if kind == "meta":
+            header.setdefault("__metadata__", {})[op[1]] = op[2]
+        elif kind == "meta_raw":
+            header["__metadata__"] = op[1]
+        elif op[1] not in header and kind != "length":
+            continue
+        elif kind == "dtype":
+            header[op[1]]["dtype"] = op[2]
+        elif kind == "shape":
+            header[op[1]]["shape"] = op[2]
+        elif kind == "offsets":
+            header[op[1]]["data_offsets"] = op[2]
+        elif kind == "drop":
+            header.pop(op[1])
+        elif kind == "rename":
+            header[op[2]] = header.pop(op[1])
+        elif kind == "entry":
+            header[op[1]] = op[2]
+        elif kind == "length":
+            length = op[1]
+    return join_safetensors(header, body, length)
+
+
+@st.composite
+def safetensors_inputs(draw, seed: bytes) -> bytes:
+    header, _ = split_safetensors(seed)
+    data = seed
+    if draw(st.booleans()):
+        data = apply_header_ops(data, draw(header_ops(header)))
+    (length,) = struct.unpack("<Q", seed[:8])
+    header_ops_raw = st.one_of(  # raw byte edits aimed at the prefix and the header, where the structure is
+        st.tuples(st.just("flip"), st.integers(0, length + 8), st.integers(0, 7)),
+        st.tuples(st.just("truncate"), st.integers(0, len(seed))),
+        st.tuples(st.just("overwrite"), st.integers(0, length + 8), st.binary(min_size=1, max_size=8)),
+        st.tuples(st.just("delete"), st.integers(0, length + 8), st.integers(1, 32)),
+    )
+    return mutate(data, draw(st.lists(header_ops_raw, max_size=3)))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Latent files written by `dcae encode`, checked by `dcae decode` (dcae.tiling.read_latent)
+class LatentModel(torch.nn.Module):
+    """What read_latent asks of a model: f, c and a config to hash."""
+
+    spatial_factor, latent_channels = 4, 4
+
+    def config_dict(self) -> dict:
+        return {"name": "fuzz-stub", "f": 4, "c": 4}
+
+
+@cache
+def latent_seeds() -> dict[str, bytes]:
+    from dcae.tiling import latent_metadata, write_latent
+
+    model = LatentModel()
+    seeds = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (height, width, alpha) in {"plain": (20, 24, False), "alpha": (7, 9, True)}.items():
+            latent = torch.randn(4, -(-height // 4), -(-width // 4))
+            meta = latent_metadata(model, "stub", (height, width), torch.float32, source="x.png", tile="auto")
+            path = Path(tmp) / f"{name}.safetensors"
+            write_latent(path, latent, meta, torch.full((1, height, width), 7, dtype=torch.uint8) if alpha else None)
+            seeds[name] = path.read_bytes()
+    return seeds
+
+
+@st.composite
+def latent_inputs(draw) -> bytes:
+    seed = latent_seeds()[draw(st.sampled_from(sorted(latent_seeds())))]
+    return draw(safetensors_inputs(seed))
+
+
+def check_latent(data: bytes) -> None:
+    from dcae.tiling import read_latent
+
+    model = LatentModel()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "latent.safetensors"
+        path.write_bytes(data)
+        result = expect_clean(lambda: read_latent(path, model), max_growth=256 << 20)
+    if result is None:
+        return
+    latent, size, alpha, metadata = result
+    assert latent.dtype == torch.float32 and latent.ndim == 4 and latent.shape[:2] == (1, 4)
+    assert torch.isfinite(latent).all()
+    full = (latent.shape[2] * 4, latent.shape[3] * 4)
+    assert size is None or (0 < size[0] <= full[0] and 0 < size[1] <= full[1])
+    assert alpha is None or (alpha.dtype == torch.uint8 and tuple(alpha.shape) == (1, *(size or full)))
+    assert isinstance(metadata, dict)
+
+
+@FUZZ
+@given(latent_inputs())
+def test_fuzz_latent_files(data):
+    check_latent(data)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints and configs: from_pretrained on mutated safetensors, random dcae configs, diffusers config.json
+def micro_config() -> DCAEConfig:
+    """A 33k-parameter DCAE (f4c4) with every block kind: building and loading it takes milliseconds."""
+    blocks = ("ResBlock", "ResBlock", "EViT_GLU")
+    return DCAEConfig(name="micro", latent_channels=4, attention_head_dim=8,
+                      encoder=EncoderConfig(width_list=(8, 16, 16), depth_list=(0, 1, 1), block_type=blocks),
+                      decoder=DecoderConfig(width_list=(8, 16, 16), depth_list=(0, 1, 1), block_type=blocks,
+                                            norm=("bn2d", "bn2d", "rms2d"), act=("relu", "relu", "silu")))
+
+
+_WORKDIR = tempfile.TemporaryDirectory(prefix="dcae-fuzz-")  # module lifetime: seeds written once
+
+
+@cache
+def micro_checkpoint(layout: str = "dcae") -> Path:
+    """save_pretrained of the micro model (seeded), in one of the three layouts."""
+    torch.manual_seed(0)
+    directory = Path(_WORKDIR.name) / f"micro-{layout}"
+    dcae.DCAE(micro_config()).save_pretrained(directory, format=layout)
+    return directory
+
+
+def _weights_file(directory: Path) -> Path:
+    return next(p for p in sorted(directory.glob("*.safetensors")))
+
+
+@st.composite
+def checkpoint_inputs(draw) -> tuple[str, bytes]:
+    layout = draw(st.sampled_from(["dcae", "diffusers", "efficientvit"]))
+    seed = _weights_file(micro_checkpoint(layout)).read_bytes()
+    return layout, draw(safetensors_inputs(seed))
+
+
+def check_loaded(model: Any) -> None:
+    assert isinstance(model, dcae.DCAE)
+    x = torch.zeros(1, model.config.in_channels, model.spatial_factor, model.spatial_factor)
+    assert model.encode(x).shape[1] == model.latent_channels
+
+
+def check_checkpoint(layout: str, data: bytes) -> None:
+    """A checkpoint directory (the micro model's, its weights file mutated) loads or gives a DCAEError."""
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) / "ckpt"
+        source = micro_checkpoint(layout)
+        directory.mkdir()
+        (directory / "config.json").write_bytes((source / "config.json").read_bytes())
+        (directory / _weights_file(source).name).write_bytes(data)
+        model = expect_clean(lambda: dcae.DCAE.from_pretrained(directory), max_growth=512 << 20)
+    if model is not None:
+        check_loaded(model)
+
+
+@FUZZ
+@given(checkpoint_inputs())
+def test_fuzz_checkpoint_files(case):
+    check_checkpoint(*case)
+
+
+def _paths(value: Any, prefix: tuple = ()) -> list[tuple]:
+    """Every path to a node of a nested JSON value."""
+    out = [prefix] if prefix else []
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            out += _paths(inner, prefix + (key,))
+    elif isinstance(value, list):
+        for i, inner in enumerate(value):
+            out += _paths(inner, prefix + (i,))
+    return out
+
+
+def _set(value: Any, path: tuple, new: Any) -> Any:
+    value = copy.deepcopy(value)
+    target = value
+    for key in path[:-1]:
+        target = target[key]
+    if new is _DELETE:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = new
+    return value
+
+
+_DELETE = object()
+CONFIG_VALUES = st.one_of(
+    JSON_VALUES,
+    st.sampled_from([-1, 0, 10 ** 9, 1 << 40, "32", 3.5, True, None, [], {}, [10 ** 9] * 3, [-8, 16, 16], [0, 0, 0],
+                     [8] * 40, [1 << 20, 1, 1], "rms2d", "bn2d", "ResBlock", "EViTS5_GLU", "relu", "gelu", "none"]),
+)
+
+
+@st.composite
+def config_mutations(draw, base: dict) -> dict:
+    config = base
+    for _ in range(draw(st.integers(1, 3))):
+        paths = _paths(config)
+        if not paths:
+            break
+        path = draw(st.sampled_from(paths))
+        new = _DELETE if draw(st.integers(0, 9)) == 0 and not isinstance(path[-1], int) else draw(CONFIG_VALUES)
+        config = _set(config, path, new)
+    if draw(st.integers(0, 9)) == 0:
+        config = draw(JSON_VALUES)  # not even an object
+    return config
+
+
+def _json_safe(value: Any) -> Any:
+    return json.loads(json.dumps(value))  # NaN/Infinity survive as JSON extensions, like a hand-edited file
+
+
+@st.composite
+def config_inputs(draw) -> tuple[str, Any]:
+    """(where, config): a dcae config in the safetensors metadata or in config.json, or a diffusers config.json."""
+    where = draw(st.sampled_from(["metadata", "config.json", "diffusers"]))
+    if where == "diffusers":
+        from dcae.weights import diffusers_config
+
+        base = diffusers_config(micro_config())
+    else:
+        base = micro_config().to_dict()
+    return where, _json_safe(draw(config_mutations(_json_safe(base))))
+
+
+def check_config(where: str, config: Any) -> None:
+    """Write the micro model's weights with a mutated config; loading gives a model or a DCAEError, quickly."""
+    from safetensors.torch import load_file, save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp) / "ckpt"
+        directory.mkdir()
+        layout = "diffusers" if where == "diffusers" else "dcae"
+        source = _weights_file(micro_checkpoint(layout))
+        tensors = load_file(str(source))
+        text = json.dumps(config)
+        if where == "metadata":
+            save_file(tensors, str(directory / source.name), metadata={"format": "pt", "dcae_config": text})
+        else:
+            save_file(tensors, str(directory / source.name), metadata={"format": "pt"})
+            (directory / "config.json").write_text(text)
+        model = expect_clean(lambda: dcae.DCAE.from_pretrained(directory), max_growth=512 << 20)
+    if model is not None:
+        check_loaded(model)
+
+
+_ABSURD = micro_config().to_dict()
+_ABSURD["encoder"]["width_list"] = [8, 10 ** 9, 16]  # 10^9 channels: gigabytes before any check
+
+
+@OPEN_CONFIG_VALIDATION
+@FUZZ
+@given(config_inputs())
+@example(("metadata", _ABSURD))
+@example(("config.json", {**micro_config().to_dict(), "latent_channels": "4"}))
+def test_fuzz_configs(case):
+    check_config(*case)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Webdataset tar shards: hostile member names and types, corrupt bytes; read in memory, never extracted
+@cache
+def shard_images() -> list[bytes]:
+    rng = np.random.default_rng(1)
+    pictures = [Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)) for _ in range(2)]
+    return [_encode(pictures[0], "JPEG"), _encode(pictures[1], "PNG")]
+
+
+MEMBER_NAMES = st.one_of(
+    st.sampled_from(["0001.jpg", "0002.png", "../escape.jpg", "/tmp/dcae-fuzz-abs.jpg", "a/../../up.png",
+                     "./dot.jpg", "dir/deep/x.jpg", "noext", ".hidden.jpg", "__key__.jpg", "a" * 300 + ".jpg",
+                     "x.jpg/", "x.JPG", "dup.jpg"]),
+    st.text(min_size=1, max_size=30).map(lambda s: s + ".jpg"),
+)
+MEMBER_TYPES = st.sampled_from(["file", "file", "file", "symlink", "hardlink", "dir", "fifo", "chardev"])
+
+
+@st.composite
+def shard_inputs(draw) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for _ in range(draw(st.integers(0, 5))):
+            info = tarfile.TarInfo(draw(MEMBER_NAMES))
+            kind = draw(MEMBER_TYPES)
+            payload = b""
+            if kind == "file":
+                payload = draw(st.sampled_from(shard_images()) | st.binary(max_size=64))
+                info.size = len(payload)
+            else:
+                info.type = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE, "dir": tarfile.DIRTYPE,
+                             "fifo": tarfile.FIFOTYPE, "chardev": tarfile.CHRTYPE}[kind]
+                info.linkname = draw(st.sampled_from(["/etc/passwd", "../../etc/shadow", "0001.jpg"]))
+            tar.addfile(info, io.BytesIO(payload) if payload else None)
+    data = buffer.getvalue()
+    if draw(st.booleans()):
+        data = mutate(data, draw(st.lists(BYTE_OPS, min_size=1, max_size=3)))
+    return data
+
+
+def check_shard(data: bytes) -> None:
+    """TrainStream over one shard: (1, 3, 32, 32) crops in [-1, 1], or 'no usable images'; nothing written."""
+    from dcae.data import DataConfig, TrainStream
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        shard = root / "shards" / "train-000.tar"
+        shard.parent.mkdir()
+        shard.write_bytes(data)
+        before_cwd, before_root = set(os.listdir(".")), sorted(str(p) for p in root.rglob("*"))
+        before_tmp = set(os.listdir(tempfile.gettempdir()))
+
+        def take() -> list[torch.Tensor]:
+            stream = TrainStream(DataConfig(path=str(shard), num_workers=0), resolution=32, batch_size=1, seed=0)
+            try:
+                return [next(stream)[0] for _ in range(3)]
+            finally:
+                stream.close()
+
+        batches = expect_clean(take, max_growth=256 << 20)
+        assert set(os.listdir(".")) == before_cwd, "a tar member was written into the working directory"
+        assert sorted(str(p) for p in root.rglob("*")) == before_root, "a tar member was written beside the shard"
+        assert not {n for n in set(os.listdir(tempfile.gettempdir())) - before_tmp if "escape" in n or "dcae-fuzz-abs"
+                    in n}, "a tar member escaped to /tmp"
+    for x in batches or []:
+        assert x.shape == (1, 3, 32, 32) and x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
+
+
+@FUZZ
+@given(shard_inputs())
+def test_fuzz_tar_shards(data):
+    check_shard(data)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command-line values
+NUMBER_TEXT = st.one_of(
+    st.integers(-(1 << 70), 1 << 70).map(str),
+    st.sampled_from(["", " ", "nan", "inf", "-inf", "1e999", "-1e999", "1e3", "0x10", "-0", "+5", " 12 ", "１２",
+                     "٣", "1_000", "3.5", "0", "-1", "4", "8", "none", "auto", "None", "--", "-", "\x00", "12a"]),
+    st.text(max_size=12),
+)
+
+
+@cache
+def cli_inputs_dir() -> Path:
+    """A 20x24 PNG and its latent from the micro model."""
+    from dcae.cli import main
+    from dcae.images import write_image
+
+    root = Path(_WORKDIR.name) / "cli"
+    (root / "images").mkdir(parents=True)
+    write_image(root / "images" / "img.png", torch.randint(0, 256, (3, 20, 24), dtype=torch.uint8,
+                                                           generator=torch.Generator().manual_seed(0)))
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["encode", str(root / "images"), "-o", str(root / "latents"),
+                     "--model", str(micro_checkpoint("dcae"))]) == 0
+    return root
+
+
+IMAGE_OPTIONS = ["--batch-size", "--max-pixels", "--tile", "--overlap", "--quality", "--format", "--dtype", "--device"]
+TRAIN_OPTIONS = ["--steps", "--batch-size", "--resolution", "--seed", "--num-workers", "--phase-steps"]
+TRAIN_KEYS = ["steps", "seed", "batch_size", "optim.lr", "phase.resolution", "betas", "optim.betas", "ema_decay",
+              "data.num_workers", "data.max_pixels", "phase.use_gan", "precision", "val_every", "gan.weight",
+              "phase.optim.warmup_steps", "data.val_resolution", "nonexistent", "phase", "data", ""]
+
+
+@st.composite
+def cli_inputs(draw) -> list[str]:
+    command = draw(st.sampled_from(["encode", "decode", "reconstruct", "train"]))
+    if command == "train":
+        args = ["train", "--phase", "1", "--data", "DATA"]
+        for _ in range(draw(st.integers(1, 2))):
+            if draw(st.booleans()):
+                args += [draw(st.sampled_from(TRAIN_OPTIONS)), draw(NUMBER_TEXT)]
+            else:
+                args.append(f"{draw(st.sampled_from(TRAIN_KEYS))}={draw(NUMBER_TEXT)}")
+        return args + ["--print-config"]  # parse and resolve every value, train nothing
+    args = [command, "INPUT", "-o", "OUT", "--model", "MODEL"]
+    for _ in range(draw(st.integers(1, 2))):
+        option = draw(st.sampled_from(IMAGE_OPTIONS[:5] if command == "encode" else IMAGE_OPTIONS[:5] + ["--format"]))
+        if option == "--quality" and command == "encode":
+            continue
+        args += [option, draw(NUMBER_TEXT)]
+    return args
+
+
+def check_cli(argv: list[str]) -> None:
+    """main(argv): exit 0, or non-zero with argparse's usage error or `dcae <cmd>: error:` lines, never a traceback."""
+    from dcae.cli import main
+
+    root = cli_inputs_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = {"encode": root / "images", "reconstruct": root / "images", "decode": root / "latents"}
+        substitutions = {"INPUT": str(inputs.get(argv[0], "")), "OUT": str(Path(tmp) / "out"),
+                         "MODEL": str(micro_checkpoint("dcae")), "DATA": str(root / "images")}
+        argv = [substitutions.get(a, a) for a in argv]
+        err, out = io.StringIO(), io.StringIO()
+        code: Any = None
+        try:
+            with guarded(max_growth=1 << 30), contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+                code = main(argv)
+        except SystemExit as exit_:
+            code = exit_.code
+        stderr = err.getvalue()
+    assert isinstance(code, int), f"exit status {code!r}"
+    assert "Traceback" not in stderr, stderr
+    if code == 0:
+        return
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines, f"exit {code} without a message"
+    if lines[0].startswith("usage:"):  # argparse: usage lines, then `dcae <cmd>: error: ...`
+        assert lines[-1].startswith(f"dcae {argv[0]}: error: "), stderr
+        return
+    errors = [line for line in lines if not line.startswith(f"dcae {argv[0]}: warning: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"dcae {argv[0]}: error: "), stderr
+
+
+@FUZZ
+@given(cli_inputs())
+@example(["encode", "INPUT", "-o", "OUT", "--model", "MODEL", "--tile", "1e3"])
+@example(["decode", "INPUT", "-o", "OUT", "--model", "MODEL", "--max-pixels", "-1"])
+def test_fuzz_cli_values(argv):
+    check_cli(argv)
+
+
+@OPEN_OVERRIDE_OVERFLOW
+@pytest.mark.parametrize("value", ["1e999", "-1e999"])
+def test_train_override_overflow_is_a_clean_error(value):
+    check_cli(["train", "--phase", "1", "--data", "DATA", f"steps={value}", "--print-config"])
+
+
+@OPEN_QUALITY_RANGE
+@pytest.mark.parametrize("fmt,quality", [("webp", "1000"), ("webp", "-5"), ("jpg", "1000")])
+def test_quality_out_of_range_is_refused(fmt, quality):
+    """--quality is documented as 1-100: outside it, exit 2 with one line (webp raised ValueError; jpg wrote a file)."""
+    from dcae.cli import main
+
+    root = cli_inputs_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = ["reconstruct", str(root / "images"), "-o", tmp, "--model", str(micro_checkpoint("dcae")),
+                "--format", fmt, "--quality", quality]
+        check_cli(argv)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            assert main(argv) == 2
+        assert err.getvalue().startswith("dcae reconstruct: error: ") and "quality" in err.getvalue()
+
+
+@OPEN_METRICS_SMALL
+def test_metrics_on_images_smaller_than_lpips_needs():
+    """`dcae metrics a.png b.png` on 20x24 images: a result or one error line, not a RuntimeError traceback."""
+    image = cli_inputs_dir() / "images" / "img.png"
+    check_cli(["metrics", str(image), str(image)])

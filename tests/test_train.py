@@ -1,0 +1,360 @@
+"""Training: configs and overrides, phase parameter sets, checkpointing, exact resume, crash safety, NaN handling, CLI."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dcae
+import dcae.losses
+from dcae.cli import main
+from dcae.errors import DCAEError
+from dcae.train import (
+    CHECKPOINT_SLEEP_ENV,
+    TrainConfig,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    enable_gradient_checkpointing,
+    latest_checkpoint,
+    load_run_config,
+    load_state,
+    lr_at,
+    phase_config,
+    save_checkpoint,
+    set_train_mode,
+    train,
+    trainable_parameters,
+    update_ema,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+BSDS_VAL = DATA / "bsds500" / "val"
+PRESET = "dc-ae-tiny-f32c32"
+
+
+def tiny_config(run_dir, steps=3, workers=0, phase=1, extra=()) -> TrainConfig:
+    """The tiny CPU setup of the issue: tiny preset, 64 px crops, batch 2, fixed seed."""
+    base = TrainConfig(phase=phase_config(phase))
+    return apply_overrides(base, [f"preset={PRESET}", f"run_dir={run_dir}", f"data.path={BSDS_VAL}", f"steps={steps}",
+                                  "batch_size=2", "phase.resolution=64", f"data.num_workers={workers}", "seed=0",
+                                  "progress=false", "log_every=1", "ckpt_every=100", "optim.warmup_steps=2",
+                                  "ema_decay=0.9", *extra])
+
+
+def max_diff(file_a: Path, file_b: Path) -> float:
+    a, b = load_file(str(file_a)), load_file(str(file_b))
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].numel())
+
+
+def log_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+def test_overrides_types_aliases_and_errors():
+    config = apply_overrides(TrainConfig(), ["optim.lr=1e-4", "phase.resolution=128", "resolution=96",
+                                             "optim.betas=0.5,0.9", "phase.use_gan=true", "data.val_path=none",
+                                             "gan.disc_warmup_steps=7", "steps=2e3", "init=some/dir"])
+    assert config.phase.optim.lr == 1e-4 and config.phase.resolution == 96
+    assert config.phase.optim.betas == (0.5, 0.9) and config.phase.use_gan is True
+    assert config.data.val_path is None and config.phase.gan.disc_warmup_steps == 7
+    assert config.steps == 2000 and config.init == "some/dir"
+    assert TrainConfig().phase.optim.lr == 6.4e-5  # the default is not mutated
+    for bad, message in [("optim.lr", "key=value"), ("optim.nope=1", "unknown key"), ("nope.lr=1", "no config section"),
+                         ("steps=many", "expected int"), ("phase.optim=1", "is a section"),
+                         ("phase.use_gan=maybe", "expected bool")]:
+        with pytest.raises(DCAEError, match=message):
+            apply_overrides(TrainConfig(), [bad])
+
+
+def test_config_round_trips_through_json():
+    config = apply_overrides(TrainConfig(phase=phase_config(3)), ["optim.lr=2e-5", "data.path=x"])
+    again = config_from_dict(TrainConfig, json.loads(json.dumps(config_to_dict(config))))
+    assert again == config
+    with pytest.raises(DCAEError, match="unknown keys"):
+        config_from_dict(TrainConfig, {**config_to_dict(config), "typo": 1})
+
+
+def test_phase_defaults_follow_the_paper():
+    p1, p2, p3 = phase_config(1), phase_config(2), phase_config(3)
+    assert (p1.optim.lr, p1.optim.weight_decay, p1.trainable) == (6.4e-5, 0.1, "all")
+    assert (p2.optim.lr, p2.optim.weight_decay, p2.trainable) == (1.6e-5, 1e-3, "latent_adaptation")
+    assert p2.resolution > p1.resolution and p2.grad_checkpointing
+    assert (p3.optim.lr, p3.optim.betas, p3.trainable, p3.use_gan) == (5.4e-5, (0.5, 0.9), "decoder_head", True)
+    assert p3.gan.loss == "hinge" and p3.gan.disc_warmup_steps > 0
+    with pytest.raises(DCAEError):
+        phase_config(4)
+
+
+def test_phase_parameter_sets_and_frozen_batchnorm():
+    torch.manual_seed(0)
+    model = dcae.create_model(PRESET)
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for p in trainable_parameters(model, "all")) == total
+    adapt = trainable_parameters(model, "latent_adaptation")
+    assert 0 < sum(p.numel() for p in adapt) < total
+    assert all(p.requires_grad == any(p is q for q in adapt) for p in model.parameters())
+    assert model.encoder.project_out.conv.weight.requires_grad and model.decoder.project_in.conv.weight.requires_grad
+    assert not model.encoder.project_in.conv.weight.requires_grad
+    set_train_mode(model)
+    norms = [m for m in model.decoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(not m.training for m in norms)  # frozen BatchNorm keeps its running statistics
+    head = trainable_parameters(model, "decoder_head")
+    assert {id(p) for p in head} == {id(p) for p in model.decoder_head_parameters()}
+    assert sum(p.numel() for p in head) < 0.01 * total
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_batchnorm_stats():
+    torch.manual_seed(0)
+    plain = dcae.create_model(PRESET)
+    ckpt = dcae.create_model(PRESET)
+    ckpt.load_state_dict(plain.state_dict())
+    assert enable_gradient_checkpointing(ckpt) > 0
+    assert set(ckpt.state_dict()) == set(plain.state_dict())  # keys unchanged: save_pretrained still works
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    for model in (plain, ckpt):
+        model.train()
+        (model(x) - x).abs().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)
+    for (name, a), b in zip(plain.named_buffers(), ckpt.buffers()):
+        torch.testing.assert_close(a, b, msg=name)  # running stats updated once, not twice
+
+
+def test_lr_warmup_and_ema():
+    optim = phase_config(1).optim
+    assert lr_at(0, optim) == pytest.approx(optim.lr / optim.warmup_steps)
+    assert lr_at(optim.warmup_steps - 1, optim) == pytest.approx(optim.lr)
+    assert lr_at(10 * optim.warmup_steps, optim) == optim.lr
+    ema, model = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+        model.num_batches_tracked.fill_(5)
+    update_ema(ema, model, decay=0.75)
+    torch.testing.assert_close(ema.weight, torch.full((2,), 1.5))  # 0.75 * 1 + 0.25 * 3
+    assert ema.num_batches_tracked.item() == 5
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_is_exact(tmp_path, workers):
+    """2N steps in one run == N steps, resume, N more (weights and EMA), with and without worker processes."""
+    n = 3
+    straight = train(tiny_config(tmp_path / "straight", steps=2 * n, workers=workers))
+    train(tiny_config(tmp_path / "split", steps=n, workers=workers))
+    assert load_state(latest_checkpoint(tmp_path / "split"))["step"] == n
+    resumed = train(load_run_config(tmp_path / "split", [f"steps={2 * n}"]), resume=True)
+    assert max_diff(straight / "model.safetensors", resumed / "model.safetensors") <= 1e-6
+    assert max_diff(straight / "ema.safetensors", resumed / "ema.safetensors") <= 1e-6
+    state = load_state(latest_checkpoint(resumed))
+    assert state["step"] == 2 * n and state["data"] == [{"kind": "folder", "position": 2 * n * 2}]
+    events = [line.get("event") for line in log_lines(resumed)]
+    assert events.count("resume") == 1 and events[-1] == "done"
+    # The run dir loads like any checkpoint: the latest (non-EMA) weights, or the EMA on request.
+    model = dcae.DCAE.from_pretrained(resumed)
+    saved = load_file(str(latest_checkpoint(resumed) / "model.safetensors"))
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    ema = dcae.DCAE.from_pretrained(resumed, weights="ema")
+    assert any(not torch.equal(v, ema.state_dict()[k]) for k, v in model.state_dict().items())
+    assert json.loads((resumed / "config.json").read_text())["steps"] == 2 * n
+    with pytest.raises(DCAEError, match="already holds"):
+        train(tiny_config(tmp_path / "split", steps=1))
+
+
+def _run_cli_subprocess(args: list[str], env_extra: dict[str, str]) -> subprocess.Popen:
+    env = {**os.environ, **env_extra}
+    return subprocess.Popen([sys.executable, "-m", "dcae.cli", "train", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(predicate, process: subprocess.Popen, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"training exited early ({process.returncode}):\n{process.stdout.read()}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("timed out waiting for the training subprocess")
+        time.sleep(0.05)
+
+
+def _cli_args(run_dir: Path, steps: int, ckpt_every: int) -> list[str]:
+    return ["--preset", PRESET, "--data", str(BSDS_VAL), "--phase", "1", "--steps", str(steps), "--batch-size", "2",
+            "--resolution", "64", "--seed", "0", "--run-dir", str(run_dir), "data.num_workers=0", "progress=false",
+            f"ckpt_every={ckpt_every}", "log_every=1", "phase.lpips_weight=0"]
+
+
+def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path):
+    run_dir = tmp_path / "run"
+    process = _run_cli_subprocess(_cli_args(run_dir, steps=3, ckpt_every=1), {CHECKPOINT_SLEEP_ENV: "2"})
+    temp_of_step_2 = run_dir / "checkpoints" / ".tmp_step_00000002"
+    _wait_for(lambda: (temp_of_step_2 / "state.pt").exists(), process)  # step 2 written, not yet renamed
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    latest = latest_checkpoint(run_dir)
+    assert latest.name == "step_00000001"
+    assert load_state(latest)["step"] == 1
+    model = dcae.DCAE.from_pretrained(run_dir)  # the top-level weights are step 1's, complete
+    saved = load_file(str(latest / "model.safetensors"))
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    # And the run continues from there.
+    rc = main(["train", "--resume", str(run_dir), "--steps", "2", "progress=false"])
+    assert rc == 0 and latest_checkpoint(run_dir).name == "step_00000002"
+    assert not temp_of_step_2.exists()  # the stale temp dir was cleaned up
+
+
+def test_sigterm_checkpoints_then_resume_continues(tmp_path):
+    run_dir = tmp_path / "run"
+    process = _run_cli_subprocess(_cli_args(run_dir, steps=10_000, ckpt_every=10_000), {})
+    _wait_for(lambda: (run_dir / "log.jsonl").exists() and '"step": 2,' in (run_dir / "log.jsonl").read_text(),
+              process)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=240)
+    assert process.returncode == 130, output
+    assert "stopped by SIGTERM" in output
+    step = load_state(latest_checkpoint(run_dir))["step"]
+    assert step >= 2
+    assert log_lines(run_dir)[-1] == {"event": "stop", "step": step, "reason": "SIGTERM"}
+    assert main(["train", "--resume", str(run_dir), "--steps", str(step + 1), "progress=false"]) == 0
+    assert load_state(latest_checkpoint(run_dir))["step"] == step + 1
+
+
+def _nan_on_calls(monkeypatch, bad_calls: set[int]) -> None:
+    real_l1, calls = dcae.losses.l1, [0]
+
+    def l1(x, y):
+        calls[0] += 1
+        out = real_l1(x, y)
+        return out * float("nan") if calls[0] in bad_calls else out
+
+    monkeypatch.setattr(dcae.losses, "l1", l1)
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    _nan_on_calls(monkeypatch, {2, 3})
+    run_dir = train(tiny_config(tmp_path / "run", steps=5, extra=["phase.lpips_weight=0"]))
+    state = load_state(latest_checkpoint(run_dir))
+    assert state["counters"]["bad_steps"] == 2 and state["counters"]["bad_in_row"] == 0
+    assert [line["step"] for line in log_lines(run_dir) if line.get("event") == "nonfinite"] == [1, 2]
+    model = dcae.DCAE.from_pretrained(run_dir)
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
+
+
+def test_too_many_nonfinite_steps_stop_without_saving_poison(tmp_path, monkeypatch):
+    _nan_on_calls(monkeypatch, set(range(3, 100)))
+    config = tiny_config(tmp_path / "run", steps=20, extra=["phase.lpips_weight=0", "ckpt_every=2", "max_bad_steps=3"])
+    with pytest.raises(DCAEError, match="3 non-finite losses or gradients in a row"):
+        train(config)
+    # Steps 2-4 were skipped: the checkpoint at step 4 holds step 2's weights, finite.
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000004"
+    assert max_diff(checkpoints / "step_00000002" / "model.safetensors",
+                    checkpoints / "step_00000004" / "model.safetensors") == 0.0
+    assert max_diff(checkpoints / "step_00000002" / "ema.safetensors",
+                    checkpoints / "step_00000004" / "ema.safetensors") == 0.0
+    model = dcae.DCAE.from_pretrained(tmp_path / "run")
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
+    poisoned = dcae.create_model(PRESET)
+    with torch.no_grad():
+        next(poisoned.parameters()).fill_(float("nan"))
+    with pytest.raises(DCAEError, match="non-finite"):
+        save_checkpoint(tmp_path / "run", 99, poisoned, poisoned, {}, config)
+    assert latest_checkpoint(tmp_path / "run").name == "step_00000004"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+def test_cli_phase3_gan_bf16_validation_and_samples(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    rc = main(["train", "--preset", PRESET, "--data", str(BSDS_VAL), "--val-data", str(BSDS_VAL), "--phase", "3",
+               "--steps", "3", "--batch-size", "2", "--resolution", "64", "--run-dir", str(run_dir),
+               "--num-workers", "0", "gan.disc_warmup_steps=1", "precision=bf16", "data.val_images=2",
+               "progress=false", "log_every=1", "val_every=2"])
+    assert rc == 0
+    lines = log_lines(run_dir)
+    start = lines[0]
+    assert start["event"] == "start" and start["precision"] == "bf16"
+    assert start["trainable_params"] < 0.01 * start["total_params"]  # only the decoder head trains
+    steps = [line for line in lines if "loss" in line]
+    assert steps[0]["gan_weight"] == 0.0 and steps[-1]["gan_weight"] > 0  # discriminator warm-up, then adaptive
+    assert all("d_loss" in line and "images_per_s" in line for line in steps)
+    vals = [line for line in lines if line.get("event") == "val"]
+    assert [v["step"] for v in vals] == [0, 2, 3] and all(v["val_psnr"] > 5 for v in vals)
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
+        "step_00000000.png", "step_00000002.png", "step_00000003.png"]
+    state = load_state(latest_checkpoint(run_dir))
+    assert state["discriminator"] is not None and state["disc_optimizer"]["state"]
+    # Only the head changed; frozen BatchNorm statistics too stayed put (also across validation passes).
+    torch.manual_seed(0)
+    init = dcae.create_model(PRESET)
+    trained = dcae.DCAE.from_pretrained(run_dir)
+    head = {id(p) for p in trained.decoder_head_parameters()}
+    for (name, p), q in zip(trained.named_parameters(), init.parameters()):
+        assert torch.equal(p, q) != (id(p) in head), name
+    for (name, b), c in zip(trained.named_buffers(), init.buffers()):
+        assert torch.equal(b, c), name
+    assert "done, step 3" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", "--preset", PRESET, "--phase", "1", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "--data is required" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "missing")]) == 2
+    assert "not a training run" in capsys.readouterr().err
+    assert main(["train", "--preset", "nope", "--data", str(BSDS_VAL), "--phase", "1",
+                 "--run-dir", str(tmp_path / "r"), "progress=false"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert main(["train", "--data", str(BSDS_VAL), "--phase", "2", "optim.lr"]) == 2
+    assert main(["train", "--data", str(BSDS_VAL), "--phase", "2", "--print-config", "optim.lr=3e-5"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["phase"]["optim"]["lr"] == 3e-5 and printed["phase"]["trainable"] == "latent_adaptation"
+
+
+def test_recipe_runs_three_phases_each_from_the_last(tmp_path):
+    run_dir = tmp_path / "recipe"
+    args = ["train", "--recipe", "three-phase", "--preset", PRESET, "--data", str(BSDS_VAL), "--run-dir", str(run_dir),
+            "--phase-steps", "2,1,1", "--batch-size", "1", "--resolution", "32", "--num-workers", "0",
+            "progress=false", "phase.lpips_weight=0", "phase3.gan.disc_warmup_steps=0", "phase2.optim.lr=1e-4"]
+    assert main(args) == 0
+    configs = [json.loads((run_dir / f"phase{k}" / "config.json").read_text()) for k in (1, 2, 3)]
+    assert [c["phase"]["resolution"] for c in configs] == [32, 64, 32]
+    assert [c["phase"]["trainable"] for c in configs] == ["all", "latent_adaptation", "decoder_head"]
+    assert configs[1]["init"] == str(run_dir / "phase1") and configs[2]["init"] == str(run_dir / "phase2")
+    assert configs[1]["phase"]["optim"]["lr"] == 1e-4 and configs[0]["phase"]["optim"]["lr"] == 6.4e-5
+    assert [load_state(latest_checkpoint(run_dir / f"phase{k}"))["step"] for k in (1, 2, 3)] == [2, 1, 1]
+    final = load_file(str(run_dir / "model.safetensors"))
+    phase3 = load_file(str(run_dir / "phase3" / "model.safetensors"))
+    phase1 = load_file(str(run_dir / "phase1" / "model.safetensors"))
+    assert all(torch.equal(final[k], phase3[k]) for k in final)
+    # phase 2 only moved the latent-adjacent layers, phase 3 only the head: the early encoder is phase 1's
+    assert torch.equal(final["encoder.project_in.conv.weight"], phase1["encoder.project_in.conv.weight"])
+    assert not torch.equal(final["encoder.project_out.conv.weight"], phase1["encoder.project_out.conv.weight"])
+    dcae.DCAE.from_pretrained(run_dir)
+    # Resuming a finished recipe with more phase-3 steps trains only phase 3.
+    assert main(["train", "--recipe", "three-phase", "--resume", str(run_dir), "--phase-steps", "2,1,2",
+                 "progress=false"]) == 0
+    assert [load_state(latest_checkpoint(run_dir / f"phase{k}"))["step"] for k in (1, 2, 3)] == [2, 1, 2]
+
+
+def test_training_on_tar_shards(tmp_path):
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    files = sorted(BSDS_VAL.glob("*.jpg"))[:6]
+    for s in range(2):
+        with tarfile.open(shards / f"train-{s:03d}.tar", "w") as tar:
+            for i, path in enumerate(files[3 * s:3 * s + 3]):
+                tar.add(path, arcname=f"{s}_{i:03d}.jpg")
+    run_dir = train(tiny_config(tmp_path / "run", steps=2, extra=[f"data.path={shards}", "phase.lpips_weight=0"]))
+    state = load_state(latest_checkpoint(run_dir))
+    assert state["data"][0]["kind"] == "shards" and state["step"] == 2
+    assert log_lines(run_dir)[0]["data"] == "shards"
