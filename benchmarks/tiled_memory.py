@@ -177,8 +177,9 @@ def markdown(report: dict) -> str:
              f"({report['date']}, torch {report['torch']}); raw numbers in `results/tiled_memory.json`.", ""]
     memory = report.get("memory")
     if not memory:
-        lines += ["Peak memory: not measured yet (run `python -m benchmarks.tiled_memory --skip-quality`; it needs "
-                  "about 81 tile decodes of the 323M-parameter model, over an hour of one idle core).", ""]
+        lines += ["Peak memory: not measured yet. `python -m benchmarks.tiled_memory --skip-quality` measures it; at "
+                  "the default sizes it decodes 81 + 25 tiles of 512 px and one untiled 2048 px image with the "
+                  "323M-parameter model, which needs a CPU that other jobs leave free.", ""]
     else:
         base = memory["cases"][0]
         lines += [f"Peak RSS of one decode with `{base['preset']}` ({base['params_m']:.0f}M parameters, random "

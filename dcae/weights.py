@@ -523,6 +523,9 @@ def _atomic_write(target: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and safetensors) make 0600 files; a checkpoint is an ordinary file
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -549,7 +552,10 @@ def save_pretrained(model: DCAE, directory: str | Path, format: str = "dcae",
     except OSError as error:
         raise DCAEError(f"{directory}: cannot create output directory ({error.strerror})") from None
     config = model.config
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+    # `dtype` shrinks parameters only: buffers (BatchNorm running statistics) stay fp32, since running variances of
+    # deep ResBlock stacks exceed fp16's range (65504) and would load as inf.
+    buffers = {name for name, _ in model.named_buffers()}
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() and k not in buffers else v)
              for k, v in model.state_dict().items()}
     config_text = json.dumps(config.to_dict(), sort_keys=True)
     metadata = {"format": "pt", "dcae_format": format, "dcae_config": config_text}

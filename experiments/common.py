@@ -14,6 +14,8 @@ The studies run as modules from the repository root, e.g. `python -m experiments
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -25,7 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -144,7 +146,17 @@ def train_budgeted(train_args: list[str], runs_root: Path, label: str, budget_s:
     reused as is; a run interrupted earlier (this script stopped) resumes for what is left.
     """
     run_dir = Path(runs_root).resolve() / f"{label}-{run_key(train_args, budget_s)}"
-    return _run_budgeted(run_dir, label, budget_s, train_args, poll_s)
+    with run_lock(run_dir):
+        return _run_budgeted(run_dir, label, budget_s, train_args, poll_s)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on a run (two studies started together train a shared run once: the second waits)."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.parent / f".{run_dir.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 def continue_budgeted(base: dict[str, Any], runs_root: Path, label: str, budget_s: float,
@@ -152,6 +164,11 @@ def continue_budgeted(base: dict[str, Any], runs_root: Path, label: str, budget_
     """Continue a finished run exactly (optimizer, EMA, step count, data order) in a copy of it, for `budget_s` more."""
     source = Path(base["run_dir"])
     run_dir = Path(runs_root).resolve() / f"{label}-{run_key(['continue', str(source)], budget_s)}"
+    with run_lock(run_dir):
+        return _continue_locked(source, run_dir, label, budget_s, poll_s)
+
+
+def _continue_locked(source: Path, run_dir: Path, label: str, budget_s: float, poll_s: float) -> dict[str, Any]:
     if not run_dir.exists():
         tmp = run_dir.with_name(run_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -189,7 +206,7 @@ def _run_budgeted(run_dir: Path, label: str, budget_s: float, train_args: list[s
     print(f"[train] {label}: {remaining / 60:.1f} min -> {run_dir}", flush=True)
     started = time.time()
     loop_started_at: float | None = None
-    stopped_by = "exit"
+    stopped_by = "exit"  # "budget" once this script has sent the one SIGINT
     with open(run_dir / "stdout.log", "ab") as out:
         # Own session: a Ctrl-C in the terminal reaches only this script, which forwards exactly one SIGINT (a second
         # one makes the trainer stop without its checkpoint). If this script dies, the kernel sends the SIGINT.
@@ -208,7 +225,8 @@ def _run_budgeted(run_dir: Path, label: str, budget_s: float, train_args: list[s
                     proc.wait()
         except BaseException:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
+                if stopped_by != "budget":  # never a second SIGINT: the trainer would stop without its checkpoint
+                    proc.send_signal(signal.SIGINT)
                 proc.wait()
             _write_progress(marker, state, time.time() - started, time.time() - (loop_started_at or time.time()))
             raise

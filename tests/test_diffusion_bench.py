@@ -36,10 +36,13 @@ def test_bench_diffusion_rows_and_ratios(tmp_path, capsys):
 
 def test_bench_diffusion_no_decode_and_bad_decoder(tmp_path, capsys):
     rc = main(["bench", "diffusion", "--resolution", "64", "--preset", "UViT-T/1", "--steps", "1", "--batch-size", "1",
-               "--min-seconds", "0", "--rounds", "1", "--rows", "f32p1", "f64p1", "--no-decode",
+               "--min-seconds", "0", "--rounds", "1", "--rows", "f32p1", "f64p1", "--no-decode", "--clock", "process",
+               "--threads", "1",
                "--json", str(tmp_path / "b.json"), "--device", "cpu"])
     assert rc == 0
-    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    result = json.loads((tmp_path / "b.json").read_text())
+    rows = result["rows"]
+    assert result["clock"] == "process" and "1 threads" in result["device_name"]
     assert [r["latent"] for r in rows] == ["f32p1", "f64p1"] and rows[0]["decoder"] is None
     assert rows[0]["train_speedup"] is None  # no f8p2 row: no ratios to report
     rc = main(["bench", "diffusion", "--resolution", "64", "--preset", "DiT-T/1", "--rows", "f64p1", "--min-seconds",

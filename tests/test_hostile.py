@@ -262,8 +262,8 @@ def test_config_from_dict_validates_ranges(name):
 def test_diffusers_config_json_with_wrong_values(tmp_path, key, value):
     from dcae.weights import diffusers_config
 
-    source = micro_checkpoint("diffusers")
-    shutil.copy(source / "diffusion_pytorch_model.safetensors", tmp_path)
+    weights = micro_checkpoint("diffusers") / "diffusion_pytorch_model.safetensors"
+    save_file(load_file(str(weights)), str(tmp_path / weights.name), metadata={"format": "pt"})  # as diffusers writes
     config = {**diffusers_config(micro_config()), key: value}
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(DCAEError) as caught, guarded(seconds=30, max_growth=64 << 20):
@@ -272,11 +272,18 @@ def test_diffusers_config_json_with_wrong_values(tmp_path, key, value):
 
 
 def test_the_micro_config_itself_loads(tmp_path):
-    """Control for the tests above: the unmodified config in the same files loads."""
+    """Control for the tests above: the unmodified configs in the same files load."""
+    from dcae.weights import diffusers_config
+
     tensors = load_file(str(micro_checkpoint("dcae") / "model.safetensors"))
     save_file(tensors, str(tmp_path / "model.safetensors"),
               metadata={"format": "pt", "dcae_config": json.dumps(micro_config().to_dict())})
     assert isinstance(dcae.DCAE.from_pretrained(tmp_path / "model.safetensors"), dcae.DCAE)
+    weights = micro_checkpoint("diffusers") / "diffusion_pytorch_model.safetensors"
+    (tmp_path / "diffusers").mkdir()
+    save_file(load_file(str(weights)), str(tmp_path / "diffusers" / weights.name), metadata={"format": "pt"})
+    (tmp_path / "diffusers" / "config.json").write_text(json.dumps(diffusers_config(micro_config())))
+    assert dcae.DCAE.from_pretrained(tmp_path / "diffusers").config.encoder.width_list == (8, 16, 16)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -205,3 +206,20 @@ def test_convert_cli_bad_input_is_one_line(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "bad.safetensors"), str(tmp_path / "out"), "--to", "dcae"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dcae convert: error:") and "bad.safetensors" in err and "\n" not in err
+
+
+def test_fp16_storage_keeps_batchnorm_statistics_fp32(tmp_path):
+    model = tiny()
+    with torch.no_grad():
+        bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        bn.running_var.fill_(1e9)  # deep ResBlock stacks reach this; fp16 tops out at 65504
+    from dcae.weights import save_pretrained
+
+    save_pretrained(model, tmp_path, dtype=torch.float16)
+    state, _ = read_safetensors(tmp_path / "model.safetensors")
+    assert state["encoder.project_out.conv.weight"].dtype == torch.float16
+    loaded = DCAE.from_pretrained(tmp_path)
+    assert all(torch.isfinite(v).all() for v in loaded.state_dict().values() if v.is_floating_point())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask, "permissions follow the umask"

@@ -71,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=2,
                         help="interleaved timing rounds over the rows; the median is reported (default: 2)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), help="autocast dtype (default: bf16 CUDA, fp32 CPU)")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                        help="wall (default) or process: CPU seconds of this process, for a CPU shared with other jobs "
+                             "(use with --threads 1, since waiting threads also burn CPU time)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads for this run (default: torch's)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--json", metavar="FILE", help="write the results as JSON")
     parser.add_argument("--md", metavar="FILE",
@@ -82,15 +86,24 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def seconds_per_call(fn: Callable[[], object], device: torch.device, min_seconds: float, min_calls: int = 1) -> float:
-    """Mean wall time of fn() over at least min_calls calls and min_seconds (warm up before calling this)."""
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def seconds_per_call(fn: Callable[[], object], device: torch.device, min_seconds: float, min_calls: int = 1,
+                     clock: str = "wall") -> float:
+    """Mean time of fn() over at least min_calls calls and min_seconds (warm up before calling this).
+
+    clock "process" counts this process's CPU seconds (all threads): on a CPU shared with other jobs it measures the
+    work rather than the share of the machine this process got. Meaningless for CUDA, whose work is not CPU time.
+    """
+    now = CLOCKS[clock]
     synchronize(device)
-    calls, start = 0, time.perf_counter()
-    while calls < min_calls or time.perf_counter() - start < min_seconds:
+    calls, start = 0, now()
+    while calls < min_calls or now() - start < min_seconds:
         fn()
         calls += 1
     synchronize(device)
-    return (time.perf_counter() - start) / calls
+    return (now() - start) / calls
 
 
 def forward_gflops(config: ModelConfig, device_batch: int = 1) -> float | None:
@@ -184,7 +197,8 @@ def build_workload(latent: str, resolution: int, preset: str, batch: int, device
     return Workload(config, train_step, net_call)
 
 
-def decode_seconds(name: str, latent: str, resolution: int, device: torch.device, precision: str) -> float:
+def decode_seconds(name: str, latent: str, resolution: int, device: torch.device, precision: str,
+                   clock: str = "wall") -> float:
     """Wall time of one decode at batch 1 (after a warm-up decode on CUDA), random weights."""
     factor, channels, _ = LATENTS[latent]
     decode, decoder_channels = build_decoder(name, device)
@@ -199,7 +213,7 @@ def decode_seconds(name: str, latent: str, resolution: int, device: torch.device
 
     if device.type == "cuda":
         decode_once()  # kernel selection and allocator warm-up; on CPU one cold decode is close enough and costly
-    return seconds_per_call(decode_once, device, min_seconds=0.0)
+    return seconds_per_call(decode_once, device, min_seconds=0.0, clock=clock)
 
 
 def measure(rows: list[str], args: argparse.Namespace, preset: str, batch: int, device: torch.device, precision: str,
@@ -214,14 +228,15 @@ def measure(rows: list[str], args: argparse.Namespace, preset: str, batch: int, 
     forward_s: dict[str, list[float]] = {latent: [] for latent in rows}
     for _ in range(args.rounds):
         for latent, work in workloads.items():
-            train_s[latent].append(seconds_per_call(work.train_step, device, args.min_seconds / args.rounds))
-            forward_s[latent].append(seconds_per_call(work.net_call, device, args.min_seconds / args.rounds))
+            budget = args.min_seconds / args.rounds
+            train_s[latent].append(seconds_per_call(work.train_step, device, budget, clock=args.clock))
+            forward_s[latent].append(seconds_per_call(work.net_call, device, budget, clock=args.clock))
     out = []
     for latent, work in workloads.items():
         config = work.config
         sample_per_image_s = args.steps * statistics.median(forward_s[latent]) / batch
         decoder = decoders[latent] if decoders else None
-        decode_s = decode_seconds(decoder, latent, args.resolution, device, precision) if decoder else None
+        decode_s = decode_seconds(decoder, latent, args.resolution, device, precision, args.clock) if decoder else None
         out.append(BenchRow(
             latent=latent, latent_shape=[config.in_channels, config.input_size, config.input_size],
             patch_size=config.patch_size, tokens=(config.input_size // config.patch_size) ** 2,
@@ -253,7 +268,7 @@ def add_ratios(rows: list[BenchRow]) -> None:
 
 def markdown(rows: list[BenchRow], header: dict) -> str:
     lines = [f"{header['preset']} (patch per row), {header['resolution']}px, batch {header['batch_size']}, "
-             f"{header['steps']} sampling steps, {header['precision']}, {header['device_name']}",
+             f"{header['steps']} sampling steps, {header['precision']}, {header['device_name']}, {header['clock']} clock",
              "",
              "| latent | latent shape | tokens | GFLOPs/img fwd | train img/s | train x | sample img/s | sample x "
              "| decoder | decode s/img | sample+decode img/s | sample+decode x |",
@@ -276,6 +291,12 @@ def run(args: argparse.Namespace) -> int:
 
     device = select_device(args.device)
     cuda = device.type == "cuda"
+    if args.clock == "process" and cuda:
+        raise DCAEError("--clock process measures CPU time; use the wall clock on CUDA")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise DCAEError("--threads must be positive")
+        torch.set_num_threads(args.threads)
     preset = args.preset or ("UViT-H/1" if cuda else "UViT-S/1")
     batch = args.batch_size or (16 if cuda else 2)
     precision = args.precision or ("bf16" if cuda else "fp32")
@@ -284,6 +305,7 @@ def run(args: argparse.Namespace) -> int:
     decoders = None if args.no_decode else decoders_for(args)
     header = {"preset": preset, "resolution": args.resolution, "batch_size": batch, "steps": args.steps,
               "rounds": args.rounds, "min_seconds": args.min_seconds, "grad_checkpointing": args.grad_checkpointing,
+              "clock": args.clock,
               "precision": precision, "device": str(device), "torch": torch.__version__,
               "device_name": torch.cuda.get_device_name(device) if cuda else
               f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}
