@@ -240,9 +240,9 @@ def _run_budgeted(run_dir: Path, label: str, budget_s: float, train_args: list[s
                            f"its output ends:\n{tail}")
     state.update(_summarise_log(records), done=True, stopped_by=stopped_by, returncode=proc.returncode)
     write_json_atomic(marker, state)
+    speed = f", {state['images_per_s']:.1f} img/s" if state.get("images_per_s") else ""
     print(f"[train] {label}: step {state['final_step']} after {state['loop_s']:.0f} s of steps "
-          f"({state['used_s']:.0f} s in all, "
-          f"{state.get('images_per_s', float('nan')):.1f} img/s)", flush=True)
+          f"({state['used_s']:.0f} s in all{speed})", flush=True)
     return state
 
 

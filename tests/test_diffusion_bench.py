@@ -28,6 +28,8 @@ def test_bench_diffusion_rows_and_ratios(tmp_path, capsys):
         assert abs(row["train_speedup"] - row["train_images_per_s"] / rows["f8p2"]["train_images_per_s"]) < 1e-9
     flops = [rows[k]["gflops_per_image_forward"] for k in rows]
     assert flops[0] > flops[1] > flops[2] > 0  # fewer tokens, less work: the source of the speedup
+    assert abs(rows["f64p1"]["flops_ratio"] - flops[0] / flops[2]) < 1e-9
+    assert all(row["optimizer_seconds_per_step"] > 0 for row in rows.values())
     assert rows["f8p2"]["decoder"] == "dc-ae-tiny-f8c4" and rows["f64p1"]["decoder"] == "dc-ae-tiny-f64c128"
     text = doc.read_text()
     assert text.startswith("intro\n") and text.endswith("after\n") and "old table" not in text
@@ -48,3 +50,12 @@ def test_bench_diffusion_no_decode_and_bad_decoder(tmp_path, capsys):
     rc = main(["bench", "diffusion", "--resolution", "64", "--preset", "DiT-T/1", "--rows", "f64p1", "--min-seconds",
                "0", "--rounds", "1", "--decode-preset", "f64p1=dc-ae-tiny-f32c32", "--device", "cpu"])
     assert rc == 2 and "32 latent channels, not 128" in capsys.readouterr().err
+
+
+def test_bench_diffusion_flops_only_matches_the_token_count(tmp_path):
+    """UViT-H at 512px: f8p2 -> f64p1 cuts tokens 16x; attention's quadratic part makes the FLOP ratio a bit higher."""
+    assert main(["bench", "diffusion", "--flops-only", "--preset", "UViT-H/1", "--json", str(tmp_path / "f.json")]) == 0
+    rows = {r["latent"]: r for r in json.loads((tmp_path / "f.json").read_text())["rows"]}
+    assert [rows[k]["tokens"] for k in ("f8p2", "f32p1", "f64p1")] == [1024, 256, 64]
+    assert 16 < rows["f64p1"]["flops_ratio"] < 19 and rows["f64p1"]["train_images_per_s"] is None
+    assert abs(rows["f8p2"]["params"] - 501e6) < 2e6  # U-ViT-H's 501M

@@ -42,14 +42,16 @@ class BenchRow:
     tokens: int
     params: int
     gflops_per_image_forward: float | None  # one net evaluation, counted by torch's FlopCounterMode
-    train_images_per_s: float
-    sample_images_per_s: float  # `steps` net evaluations per image
+    train_images_per_s: float | None  # None with --flops-only
+    optimizer_seconds_per_step: float | None  # the AdamW update alone, included in the training time
+    sample_images_per_s: float | None  # `steps` net evaluations per image
     decoder: str | None
     decode_seconds_per_image: float | None
     sample_images_per_s_with_decode: float | None
     train_speedup: float | None = None  # ratios to the f8p2 row (None without one)
     sample_speedup: float | None = None
     sample_with_decode_speedup: float | None = None
+    flops_ratio: float | None = None  # f8p2's forward FLOPs / this row's: the speedup if time followed FLOPs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="recompute blocks in backward (as efficientvit's UViT runs): less memory, more compute")
     parser.add_argument("--rows", nargs="+", choices=tuple(LATENTS), default=list(LATENTS), help="rows to measure")
     parser.add_argument("--no-decode", action="store_true", help="skip the autoencoder decode timings")
+    parser.add_argument("--flops-only", action="store_true",
+                        help="count parameters and FLOPs only (no timing; any preset, on any machine, in seconds)")
     parser.add_argument("--decode-preset", action="append", default=[], metavar="ROW=AE",
                         help="decoder for a row: a dcae preset or sd-vae (random weights); ROW=tiny or 'tiny' alone "
                              f"uses {', '.join(TINY_DECODERS.values())}")
@@ -158,17 +162,24 @@ class Workload:
 
     config: ModelConfig
     train_step: Callable[[], None]
+    optimizer_step: Callable[[], None]  # AdamW update on gradients left by `fill_gradients`
+    fill_gradients: Callable[[], None]
     net_call: Callable[[], None]
+
+
+def row_config(latent: str, resolution: int, preset: str, **overrides) -> ModelConfig:
+    """The preset sized for a row: its latent channels and side, its patch size, 1000 classes (ImageNet)."""
+    factor, channels, patch = LATENTS[latent]
+    if resolution % (factor * patch):
+        raise DCAEError(f"--resolution {resolution} is not a multiple of {factor * patch} (row {latent})")
+    return get_diffusion_config(preset, in_channels=channels, input_size=resolution // factor, patch_size=patch,
+                                num_classes=1000, **overrides)
 
 
 def build_workload(latent: str, resolution: int, preset: str, batch: int, device: torch.device,
                    precision: str, grad_checkpointing: bool = False) -> Workload:
-    factor, channels, patch = LATENTS[latent]
-    if resolution % (factor * patch):
-        raise DCAEError(f"--resolution {resolution} is not a multiple of {factor * patch} (row {latent})")
-    side = resolution // factor
-    config = get_diffusion_config(preset, in_channels=channels, input_size=side, patch_size=patch, num_classes=1000,
-                                  grad_checkpointing=grad_checkpointing)
+    config = row_config(latent, resolution, preset, grad_checkpointing=grad_checkpointing)
+    channels, side = config.in_channels, config.input_size
     torch.manual_seed(0)
     model = create_diffusion_model(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -180,11 +191,14 @@ def build_workload(latent: str, resolution: int, preset: str, batch: int, device
     def autocast():
         return torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
 
-    def train_step() -> None:
+    def fill_gradients() -> None:
         model.train()
         with autocast():
             loss = objective.loss(model, x, y=y)
         loss.backward()
+
+    def train_step() -> None:
+        fill_gradients()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -194,7 +208,7 @@ def build_workload(latent: str, resolution: int, preset: str, batch: int, device
         with autocast():
             model(x, t, y)
 
-    return Workload(config, train_step, net_call)
+    return Workload(config, train_step, optimizer.step, fill_gradients, net_call)
 
 
 def decode_seconds(name: str, latent: str, resolution: int, device: torch.device, precision: str,
@@ -219,6 +233,8 @@ def decode_seconds(name: str, latent: str, resolution: int, device: torch.device
 def measure(rows: list[str], args: argparse.Namespace, preset: str, batch: int, device: torch.device, precision: str,
             decoders: dict[str, str] | None) -> list[BenchRow]:
     """Time all rows in interleaved rounds (median per row), so that a busy machine slows every row alike."""
+    if args.flops_only:
+        return [flops_row(latent, args.resolution, preset) for latent in rows]
     workloads = {latent: build_workload(latent, args.resolution, preset, batch, device, precision,
                                         args.grad_checkpointing) for latent in rows}
     for work in workloads.values():  # warm-up: allocations, kernel selection, optimizer state
@@ -226,28 +242,44 @@ def measure(rows: list[str], args: argparse.Namespace, preset: str, batch: int, 
         work.net_call()
     train_s: dict[str, list[float]] = {latent: [] for latent in rows}
     forward_s: dict[str, list[float]] = {latent: [] for latent in rows}
+    optimizer_s: dict[str, list[float]] = {latent: [] for latent in rows}
     for _ in range(args.rounds):
         for latent, work in workloads.items():
             budget = args.min_seconds / args.rounds
             train_s[latent].append(seconds_per_call(work.train_step, device, budget, clock=args.clock))
             forward_s[latent].append(seconds_per_call(work.net_call, device, budget, clock=args.clock))
+            work.fill_gradients()  # AdamW skips parameters without gradients: time it on real ones
+            optimizer_s[latent].append(seconds_per_call(work.optimizer_step, device, 0.0, min_calls=3,
+                                                        clock=args.clock))
     out = []
     for latent, work in workloads.items():
-        config = work.config
+        row = flops_row(latent, args.resolution, preset)
         sample_per_image_s = args.steps * statistics.median(forward_s[latent]) / batch
-        decoder = decoders[latent] if decoders else None
-        decode_s = decode_seconds(decoder, latent, args.resolution, device, precision, args.clock) if decoder else None
-        out.append(BenchRow(
-            latent=latent, latent_shape=[config.in_channels, config.input_size, config.input_size],
-            patch_size=config.patch_size, tokens=(config.input_size // config.patch_size) ** 2,
-            params=param_count(config), gflops_per_image_forward=forward_gflops(config),
-            train_images_per_s=batch / statistics.median(train_s[latent]), sample_images_per_s=1.0 / sample_per_image_s,
-            decoder=decoder, decode_seconds_per_image=decode_s,
-            sample_images_per_s_with_decode=None if decode_s is None else 1.0 / (sample_per_image_s + decode_s)))
-        print(f"{latent}: {out[-1].tokens} tokens, train {out[-1].train_images_per_s:.3g} img/s, "
-              f"sample {out[-1].sample_images_per_s:.3g} img/s"
-              + (f", decode {decode_s:.3g} s/img ({decoder})" if decoder else ""), flush=True)
+        row.train_images_per_s = batch / statistics.median(train_s[latent])
+        row.optimizer_seconds_per_step = statistics.median(optimizer_s[latent])
+        row.sample_images_per_s = 1.0 / sample_per_image_s
+        if decoders:
+            row.decoder = decoders[latent]
+            row.decode_seconds_per_image = decode_seconds(row.decoder, latent, args.resolution, device, precision,
+                                                          args.clock)
+            row.sample_images_per_s_with_decode = 1.0 / (sample_per_image_s + row.decode_seconds_per_image)
+        out.append(row)
+        print(f"{latent}: {row.tokens} tokens, train {row.train_images_per_s:.3g} img/s, "
+              f"sample {row.sample_images_per_s:.3g} img/s"
+              + (f", decode {row.decode_seconds_per_image:.3g} s/img ({row.decoder})" if row.decoder else ""),
+              flush=True)
     return out
+
+
+def flops_row(latent: str, resolution: int, preset: str) -> BenchRow:
+    """A row with the model's shape, size and FLOPs, and no timings yet."""
+    config = row_config(latent, resolution, preset)
+    side, patch = config.input_size, config.patch_size
+    return BenchRow(latent=latent, latent_shape=[config.in_channels, side, side], patch_size=patch,
+                    tokens=(side // patch) ** 2, params=param_count(config),
+                    gflops_per_image_forward=forward_gflops(config), train_images_per_s=None,
+                    optimizer_seconds_per_step=None, sample_images_per_s=None, decoder=None,
+                    decode_seconds_per_image=None, sample_images_per_s_with_decode=None)
 
 
 def param_count(config: ModelConfig) -> int:
@@ -256,31 +288,39 @@ def param_count(config: ModelConfig) -> int:
 
 
 def add_ratios(rows: list[BenchRow]) -> None:
+    """Throughputs (and, with --flops-only, FLOPs) relative to the f8p2 row."""
     base = next((r for r in rows if r.latent == "f8p2"), None)
     if base is None:
         return
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
     for row in rows:
-        row.train_speedup = row.train_images_per_s / base.train_images_per_s
-        row.sample_speedup = row.sample_images_per_s / base.sample_images_per_s
-        if row.sample_images_per_s_with_decode and base.sample_images_per_s_with_decode:
-            row.sample_with_decode_speedup = row.sample_images_per_s_with_decode / base.sample_images_per_s_with_decode
+        row.train_speedup = ratio(row.train_images_per_s, base.train_images_per_s)
+        row.sample_speedup = ratio(row.sample_images_per_s, base.sample_images_per_s)
+        row.sample_with_decode_speedup = ratio(row.sample_images_per_s_with_decode,
+                                               base.sample_images_per_s_with_decode)
+        row.flops_ratio = ratio(base.gflops_per_image_forward, row.gflops_per_image_forward)
 
 
 def markdown(rows: list[BenchRow], header: dict) -> str:
     lines = [f"{header['preset']} (patch per row), {header['resolution']}px, batch {header['batch_size']}, "
              f"{header['steps']} sampling steps, {header['precision']}, {header['device_name']}, {header['clock']} clock",
              "",
-             "| latent | latent shape | tokens | GFLOPs/img fwd | train img/s | train x | sample img/s | sample x "
-             "| decoder | decode s/img | sample+decode img/s | sample+decode x |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| latent | latent shape | tokens | GFLOPs/img fwd | FLOPs x | train img/s | train x | AdamW s/step "
+             "| sample img/s | sample x | decoder | decode s/img | sample+decode img/s | sample+decode x |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
 
     for r in rows:
         lines.append(f"| {r.latent} | {'x'.join(map(str, r.latent_shape))} | {r.tokens} "
-                     f"| {num(r.gflops_per_image_forward, '.3g')} | {r.train_images_per_s:.3g} | {num(r.train_speedup, '.1f')} "
-                     f"| {r.sample_images_per_s:.3g} | {num(r.sample_speedup, '.1f')} | {r.decoder or '-'} "
+                     f"| {num(r.gflops_per_image_forward, '.4g')} | {num(r.flops_ratio, '.1f')} "
+                     f"| {num(r.train_images_per_s, '.3g')} | {num(r.train_speedup, '.1f')} "
+                     f"| {num(r.optimizer_seconds_per_step, '.3g')} "
+                     f"| {num(r.sample_images_per_s, '.3g')} | {num(r.sample_speedup, '.1f')} | {r.decoder or '-'} "
                      f"| {num(r.decode_seconds_per_image, '.3g')} | {num(r.sample_images_per_s_with_decode, '.3g')} "
                      f"| {num(r.sample_with_decode_speedup, '.1f')} |")
     return "\n".join(lines) + "\n"
@@ -302,10 +342,10 @@ def run(args: argparse.Namespace) -> int:
     precision = args.precision or ("bf16" if cuda else "fp32")
     if batch < 1 or args.steps < 1 or args.rounds < 1:
         raise DCAEError("--batch-size, --steps and --rounds must be positive")
-    decoders = None if args.no_decode else decoders_for(args)
+    decoders = None if args.no_decode or args.flops_only else decoders_for(args)
     header = {"preset": preset, "resolution": args.resolution, "batch_size": batch, "steps": args.steps,
               "rounds": args.rounds, "min_seconds": args.min_seconds, "grad_checkpointing": args.grad_checkpointing,
-              "clock": args.clock,
+              "clock": args.clock, "flops_only": args.flops_only,
               "precision": precision, "device": str(device), "torch": torch.__version__,
               "device_name": torch.cuda.get_device_name(device) if cuda else
               f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"}
