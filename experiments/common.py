@@ -4,9 +4,10 @@ The studies run as modules from the repository root, e.g. `python -m experiments
 
 - `union_folder`: BSDS500 train+test as one folder of symlinks (the trainer reads one folder); val stays held out.
 - `train_budgeted`: one `dcae train` subprocess, stopped by SIGINT when its wall-clock budget of training steps is
-  spent (the trainer checkpoints at the end of the current step); `continue_budgeted` resumes a copy of a run. Runs are keyed by a hash of their arguments and budget, so an
-  identical run (the same phase-1 model in two studies) trains once; an interrupted study resumes the run for the
-  budget it has left.
+  spent (the trainer checkpoints at the end of the current step); `continue_budgeted` resumes a copy of a finished
+  run. Runs are keyed by a hash of their arguments and budget, so an identical run (the same phase-1 model in two
+  studies) trains once (a lock makes concurrent studies wait for it); an interrupted study resumes the run for the
+  budget it has left. Stop a study with Ctrl-C or SIGTERM: its trainer gets a SIGINT and checkpoints.
 - `evaluate`: a run's weights on Kodak24 / Sun-Hays80, either `dcae eval` (ADM centre crop to R, with rFID) or
   "native" (each image whole, cropped only to a multiple of the spatial factor).
 - `write_json_atomic`: results files are replaced in one rename, never left half-written.
@@ -132,6 +133,8 @@ def _summarise_log(records: list[dict[str, Any]]) -> dict[str, Any]:
     start = next((r for r in records if r.get("event") in ("start", "resume")), None)
     if start is not None:
         out["trainable_params"], out["total_params"] = start.get("trainable_params"), start.get("total_params")
+        if out["final_step"] is not None:
+            out["steps_trained"] = out["final_step"] - start["step"]  # a continued run starts at its base's step
     return out
 
 

@@ -46,7 +46,7 @@ class Arm:
 
     def steps(self) -> str:
         """Steps of each training stage (base + follow-up), mean over seeds."""
-        chains = [[t.get("final_step") or 0 for t in r["train"]] for r in self.records]
+        chains = [[stage_steps(r["train"], i) for i in range(len(r["train"]))] for r in self.records]
         return " + ".join(str(round(statistics.fmean(stage))) for stage in zip(*chains))
 
     def train_minutes(self) -> float:
@@ -56,6 +56,16 @@ class Arm:
     def images_per_s(self) -> float | None:
         values = [t["images_per_s"] for r in self.records for t in r["train"][-1:] if t.get("images_per_s")]
         return statistics.fmean(values) if values else None
+
+
+def stage_steps(chain: list[dict[str, Any]], i: int) -> int:
+    """Steps trained in stage i of a chain (a continued run counts from its base's last step)."""
+    stage = chain[i]
+    if stage.get("steps_trained") is not None:
+        return stage["steps_trained"]
+    if stage.get("continued_from") and i > 0:
+        return (stage.get("final_step") or 0) - (chain[i - 1].get("final_step") or 0)
+    return stage.get("final_step") or 0
 
 
 def group_arms(results: dict[str, Any]) -> list[Arm]:
@@ -424,9 +434,10 @@ says which way the trend went here.
 **Protocol.** Training: `dcae train` phase 1, AdamW lr 1e-3 (the paper's 6.4e-5 is too slow for these budgets),
 warm-up 200 steps, weight decay 0.01, L1 + 0.1 LPIPS, batch 8; phases 2 and 3 keep the paper's lr ratios to phase 1
 (1/4 and 0.84). Each run stops by SIGINT (the trainer checkpoints first) once its step loop has run for the budget
-(wall clock, start-up excluded), so arms get equal time, not equal steps: steps reached are listed. Evaluation (`dcae eval`, efficientvit's evaluator): ADM centre crop
-to the given size (`SET@R`), or `SET@native` = whole images cropped only to a multiple of the spatial factor;
-outputs rounded through uint8; PSNR/SSIM per image averaged; LPIPS(alex); rFID over Inception pool3 features.
+(wall clock, start-up excluded), so arms get equal time, not equal steps: steps reached are listed. Evaluation
+(`dcae eval`, efficientvit's evaluator): ADM centre crop to the given size (`SET@R`), or `SET@native` = whole images
+cropped only to a multiple of the spatial factor; outputs rounded through uint8; PSNR/SSIM per image averaged;
+LPIPS(alex); rFID over Inception pool3 features.
 An rFID over 24 or 80 images is mostly bias: it is printed for completeness and used only as weak evidence.
 """
 

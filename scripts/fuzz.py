@@ -41,6 +41,7 @@ KNOWN_BUG_AREA = {
     "QUALITY_RANGE": "cli values",
     "OPEN_METRICS_SMALL": "cli values",
     "OPEN_ALLOC_BEFORE_CHECK": "latents",
+    "OPEN_MODEL_BEFORE_SHAPE_CHECK": "checkpoints",
     "OPEN_TAR_MEMBER_SIZE": "tar shards",
     "OPEN_STATE_PICKLE_ERROR": "training",
     "OPEN_READONLY_RUN_DIR": "training",
