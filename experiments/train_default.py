@@ -57,8 +57,9 @@ def main() -> int:
     while proc.poll() is None and time.time() < deadline:
         time.sleep(5)
     if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)  # the trainer checkpoints and exits
+        proc.send_signal(signal.SIGINT)  # the trainer checkpoints and exits (status 130)
         proc.wait()
+        return 0  # stopping at the budget is the normal end of this script
     return proc.returncode
 
 
