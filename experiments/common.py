@@ -401,7 +401,7 @@ def print_summary(results: dict[str, Any], specs: list[str]) -> None:
             m = arm["eval"].get(spec)
             if m:
                 cells.append(f"{spec}: {m['psnr']:.2f} dB / LPIPS {m['lpips']:.3f}")
-        steps = "+".join(str(t.get("final_step")) for t in arm["train"])
+        steps = "+".join(str(t.get("steps_trained", t.get("final_step"))) for t in arm["train"])
         print(f"  {arm['name']:<34} seed {arm['seed']}  steps {steps:<10} " + "  ".join(cells))
 
 

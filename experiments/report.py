@@ -434,7 +434,8 @@ says which way the trend went here.
 **Protocol.** Training: `dcae train` phase 1, AdamW lr 1e-3 (the paper's 6.4e-5 is too slow for these budgets),
 warm-up 200 steps, weight decay 0.01, L1 + 0.1 LPIPS, batch 8; phases 2 and 3 keep the paper's lr ratios to phase 1
 (1/4 and 0.84). Each run stops by SIGINT (the trainer checkpoints first) once its step loop has run for the budget
-(wall clock, start-up excluded), so arms get equal time, not equal steps: steps reached are listed. Evaluation
+(wall clock, start-up excluded), so arms get equal time, not equal steps: steps reached are listed, and on a shared
+machine the load changes how many steps a budget buys, so read the steps column before reading a gap. Evaluation
 (`dcae eval`, efficientvit's evaluator): ADM centre crop to the given size (`SET@R`), or `SET@native` = whole images
 cropped only to a multiple of the spatial factor; outputs rounded through uint8; PSNR/SSIM per image averaged;
 LPIPS(alex); rFID over Inception pool3 features.

@@ -248,13 +248,15 @@ ABSURD_CONFIGS = {
 
 
 @OPEN_CONFIG_VALIDATION
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the hang alarm inside a gc callback
 @pytest.mark.parametrize("name", sorted(ABSURD_CONFIGS))
 def test_absurd_configs_are_rejected_before_building(tmp_path, name):
-    """Each absurd config in the checkpoint metadata: a one-line DCAEError in under a second of work, no allocation."""
+    """Each absurd config in the checkpoint metadata: a one-line DCAEError in milliseconds (10 s counts as a hang),
+    no allocation."""
     tensors = load_file(str(micro_checkpoint("dcae") / "model.safetensors"))
     save_file(tensors, str(tmp_path / "model.safetensors"),
               metadata={"format": "pt", "dcae_config": json.dumps(ABSURD_CONFIGS[name])})
-    with pytest.raises(DCAEError) as caught, guarded(seconds=30, max_growth=64 << 20):
+    with pytest.raises(DCAEError) as caught, guarded(seconds=10, max_growth=64 << 20):
         dcae.DCAE.from_pretrained(tmp_path / "model.safetensors")
     one_line_dcae_error(caught.value)
 
