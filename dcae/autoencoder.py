@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -75,11 +76,69 @@ class DCAEConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DCAEConfig":
         """Rebuild from `to_dict()`; unknown keys are an error (a typo in a config must not pass silently)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"config: expected an object, got {type(d).__name__}")
         d = dict(d)
         encoder = _dataclass_from_dict(EncoderConfig, d.pop("encoder", {}), "encoder")
         decoder = _dataclass_from_dict(DecoderConfig, d.pop("decoder", {}), "decoder")
         top = _dataclass_from_dict(cls, d, "config", skip=("encoder", "decoder"))
-        return dataclasses.replace(top, encoder=encoder, decoder=decoder)
+        config = dataclasses.replace(top, encoder=encoder, decoder=decoder)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Check types and ranges before any weight exists (a config file is outside data); ValueError names the key."""
+        _check_int(self.in_channels, "in_channels", 1, MAX_CHANNELS)
+        _check_int(self.latent_channels, "latent_channels", 1, MAX_CHANNELS)
+        _check_int(self.attention_head_dim, "attention_head_dim", 1, MAX_WIDTH)
+        if not isinstance(self.name, str):
+            raise ValueError(f"name={self.name!r}: expected a string")
+        scaling = self.scaling_factor
+        if scaling is not None and (isinstance(scaling, bool) or not isinstance(scaling, (int, float))
+                                    or not math.isfinite(scaling) or scaling <= 0):
+            raise ValueError(f"scaling_factor={scaling!r}: expected a positive finite number or null")
+        stages = []
+        for side, cfg in (("encoder", self.encoder), ("decoder", self.decoder)):
+            widths, depths = cfg.width_list, cfg.depth_list
+            if not isinstance(widths, (tuple, list)) or not 2 <= len(widths) <= MAX_STAGES:
+                raise ValueError(f"{side}.width_list={widths!r}: expected 2 to {MAX_STAGES} widths")
+            if not isinstance(depths, (tuple, list)) or len(depths) != len(widths):
+                raise ValueError(f"{side}.depth_list={depths!r}: expected one depth per width ({len(widths)})")
+            for i, (width, depth) in enumerate(zip(widths, depths)):
+                _check_int(width, f"{side}.width_list[{i}]", 1, MAX_WIDTH)
+                _check_int(depth, f"{side}.depth_list[{i}]", 0, MAX_DEPTH)
+            choices = [("block_type", BLOCK_TYPES)]
+            choices += [("norm", NORMS), ("act", ACTS)] if side == "decoder" else []
+            for key, allowed in choices:
+                for value in _per_stage(getattr(cfg, key), len(widths), f"{side}.{key}"):
+                    if not isinstance(value, (str, type(None))) or value not in allowed:
+                        raise ValueError(f"{side}.{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+            stages.append(len(widths))
+        enc, dec = self.encoder, self.decoder
+        for key, value, allowed in (("encoder.norm", enc.norm, NORMS), ("encoder.act", enc.act, ACTS),
+                                    ("encoder.downsample_shortcut", enc.downsample_shortcut, DOWNSAMPLE_SHORTCUTS),
+                                    ("decoder.upsample_shortcut", dec.upsample_shortcut, UPSAMPLE_SHORTCUTS),
+                                    ("decoder.out_norm", dec.out_norm, NORMS), ("decoder.out_act", dec.out_act, ACTS),
+                                    ("encoder.out_shortcut", enc.out_shortcut, (True, False)),
+                                    ("decoder.in_shortcut", dec.in_shortcut, (True, False))):
+            if not isinstance(value, (str, bool, type(None))) or value not in allowed:
+                raise ValueError(f"{key}={value!r}: expected one of {', '.join(map(str, allowed))}")
+        if stages[0] != stages[1]:
+            raise ValueError("encoder and decoder must have the same number of stages")
+
+
+# Bounds for configs read from files: far above every preset, far below what would exhaust a machine.
+MAX_STAGES, MAX_WIDTH, MAX_DEPTH, MAX_CHANNELS = 10, 16384, 64, 4096
+BLOCK_TYPES = ("ResBlock", "EViT_GLU", "EViTS5_GLU")
+NORMS = ("rms2d", "trms2d", "bn2d", "none", None)
+ACTS = ("silu", "relu", "gelu", "none", None)
+DOWNSAMPLE_SHORTCUTS = ("averaging", "pooling", None)
+UPSAMPLE_SHORTCUTS = ("duplicating", "interpolate", None)
+
+
+def _check_int(value: Any, what: str, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{what}={value!r}: expected an integer from {low} to {high}")
 
 
 def _dataclass_from_dict(cls, d: dict, where: str, skip: tuple[str, ...] = ()):

@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def printable(text: str) -> str:
+    """Line breaks and control characters (from a value or a file name the user gave) escaped: one line stays one."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     available = _available()
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except DCAEError as error:
-        print(f"dcae {name}: error: {error}", file=sys.stderr)
+        print(f"dcae {name}: error: {printable(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dcae: interrupted", file=sys.stderr)

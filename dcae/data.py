@@ -27,6 +27,8 @@ import glob
 import io
 import os
 import signal
+import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -194,10 +196,13 @@ def expand_shards(spec: str) -> list[str]:
     return urls
 
 
-def _shard_samples(url: str, counter: list[int]) -> Iterator[dict[str, Any]]:
+MAX_MEMBER_BYTES = 64 << 20  # an encoded training image larger than 64 MiB is not one
+
+
+def _shard_samples(url: str, counter: list[int], max_member_bytes: int = MAX_MEMBER_BYTES) -> Iterator[dict[str, Any]]:
     """The samples (dicts of key -> bytes) of one shard, streamed; a broken shard ends early and counts one skip."""
     from webdataset.gopen import gopen
-    from webdataset.tariterators import group_by_keys, tar_file_expander
+    from webdataset.tariterators import group_by_keys
 
     def count_and_continue(error: Exception) -> bool:
         counter[0] += 1
@@ -209,10 +214,27 @@ def _shard_samples(url: str, counter: list[int]) -> Iterator[dict[str, Any]]:
         counter[0] += 1
         return
     try:
-        files = tar_file_expander([{"url": url, "stream": stream}], handler=count_and_continue)
+        files = _tar_members(url, stream, max_member_bytes, counter)
         yield from group_by_keys(files, handler=count_and_continue)
     finally:
         stream.close()
+
+
+def _tar_members(url: str, stream: Any, max_member_bytes: int, counter: list[int]) -> Iterator[dict[str, Any]]:
+    """(name, bytes) of a tar's regular members, read in memory; a member declared larger than `max_member_bytes`
+    is skipped from its header (a compressed shard could otherwise inflate without bound); a broken tar ends."""
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if not info.isreg():  # links, devices, directories: nothing to read
+                    continue
+                if info.size > max_member_bytes:
+                    counter[0] += 1
+                    continue
+                yield {"fname": info.name, "data": tar.extractfile(info).read(), "__url__": url}
+                tar.members = []  # streaming: do not keep every header
+    except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error):  # truncated or corrupt: stop this shard
+        counter[0] += 1
 
 
 def _image_bytes(sample: dict[str, Any]) -> bytes | None:

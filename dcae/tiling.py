@@ -242,7 +242,7 @@ def _metadata_int(path: Path, metadata: dict[str, str], key: str) -> int | None:
     return value
 
 
-def read_latent(path: str | os.PathLike, model: nn.Module
+def read_latent(path: str | os.PathLike, model: nn.Module, max_pixels: int | None = None
                 ) -> tuple[torch.Tensor, tuple[int, int] | None, torch.Tensor | None, dict[str, str]]:
     """Read and check a latent file for `model` -> ((1, c, h, w) float32, original (H, W) or None, alpha, metadata).
 
@@ -252,6 +252,7 @@ def read_latent(path: str | os.PathLike, model: nn.Module
     from safetensors import safe_open
 
     path = Path(path)
+    f = model.spatial_factor
     if not path.is_file():
         raise DCAEError(f"{path}: no such file")
     if path.stat().st_size == 0:
@@ -262,6 +263,13 @@ def read_latent(path: str | os.PathLike, model: nn.Module
             keys = set(handle.keys())
             if "latent" not in keys:
                 raise DCAEError(f"{path}: no 'latent' tensor (has {', '.join(sorted(keys)) or 'none'})")
+            shape = handle.get_slice("latent").get_shape()  # from the header: nothing read yet
+            if max_pixels is not None and len(shape) >= 2 and shape[-2] * shape[-1] * f * f > max_pixels:
+                raise DCAEError(f"{path}: latent {'x'.join(map(str, shape))} decodes to "
+                                f"{shape[-1] * f}x{shape[-2] * f} pixels, over the limit of {max_pixels / 1e6:.1f} Mpx "
+                                f"(raise it with --max-pixels)")
+            if "alpha" in keys and math.prod(handle.get_slice("alpha").get_shape()) > math.prod(shape[-2:]) * f * f:
+                raise DCAEError(f"{path}: alpha plane is larger than the image the latent decodes to")
             latent = handle.get_tensor("latent")
             alpha = handle.get_tensor("alpha") if "alpha" in keys else None
     except DCAEError:

@@ -150,7 +150,7 @@ def _parse_value(text: str, kind: Any, key: str) -> Any:
             return int(float(text)) if "e" in text.lower() else int(text)
         if kind in (float, str):
             return kind(text)
-    except ValueError:
+    except (ValueError, OverflowError):  # int(float("1e999")) overflows
         raise DCAEError(f"override {key}={text}: expected {getattr(kind, '__name__', kind)}") from None
     raise DCAEError(f"override {key}: cannot set a field of type {kind}")
 
@@ -198,6 +198,28 @@ def check_config(config: TrainConfig) -> None:
             raise DCAEError(f"{name}={getattr(config, name)}: must be positive")
     if config.phase.resolution < 8:
         raise DCAEError(f"phase.resolution={config.phase.resolution}: too small")
+    if config.phase.resolution ** 2 > config.data.max_pixels:
+        raise DCAEError(f"phase.resolution={config.phase.resolution}: a crop over data.max_pixels="
+                        f"{config.data.max_pixels} pixels")
+    if not 0 <= config.seed < 2 ** 63:
+        raise DCAEError(f"seed={config.seed}: must be from 0 to 2^63-1")
+    data, optim = config.data, config.phase.optim
+    for name, value, low in (("data.num_workers", data.num_workers, 0), ("data.prefetch_factor", data.prefetch_factor, 1),
+                             ("data.max_retries", data.max_retries, 1), ("data.max_pixels", data.max_pixels, 1),
+                             ("data.min_size", data.min_size, 1), ("optim.warmup_steps", optim.warmup_steps, 0)):
+        if value < low:
+            raise DCAEError(f"{name}={value}: must be at least {low}")
+    checks = (("ema_decay", config.ema_decay, 0.0 <= config.ema_decay <= 1.0, "from 0 to 1"),
+              ("optim.lr", optim.lr, optim.lr >= 0, "a finite number >= 0"),
+              ("optim.weight_decay", optim.weight_decay, optim.weight_decay >= 0, "a finite number >= 0"),
+              ("optim.eps", optim.eps, optim.eps > 0, "a finite number > 0"),
+              ("optim.grad_clip", optim.grad_clip, optim.grad_clip >= 0, "a finite number >= 0 (0 = off)"),
+              ("optim.betas", optim.betas, len(optim.betas) == 2 and all(0.0 <= b < 1.0 for b in optim.betas),
+               "two numbers in [0, 1)"))
+    for name, value, ok, expected in checks:
+        finite = all(math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,)))
+        if not (ok and finite):
+            raise DCAEError(f"{name}={value}: expected {expected}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -416,9 +438,24 @@ def prune_checkpoints(root: Path, keep_last: int, keep: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def run_dir_errors(run_dir: Path) -> Iterator[None]:
+    """OSError while writing the run (read-only, disk full) -> one-line DCAEError; the last complete checkpoint stays."""
+    try:
+        yield
+    except OSError as error:
+        latest = latest_checkpoint(run_dir)
+        kept = f"; the last complete checkpoint is {latest}" if latest else ""
+        raise DCAEError(f"{error.filename or run_dir}: cannot write ({error.strerror or error}){kept}") from None
+
+
 def load_state(path: Path) -> dict[str, Any]:
     """state.pt holds only tensors and plain containers: loaded with weights_only=True."""
-    return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - a hostile or torn pickle raises many types
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DCAEError(f"{path / 'state.pt'}: refused or unreadable training state ({reason[:200]})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -470,7 +507,7 @@ class JsonlLog:
         if self.path is None:
             return
         record = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
-        with open(self.path, "a") as handle:
+        with run_dir_errors(self.path.parent), open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
 
@@ -710,7 +747,8 @@ class Trainer:
                      "rng": {"torch": torch.get_rng_state(),
                              "cuda": [torch.cuda.get_rng_state()] if self.d.device.type == "cuda" else []},
                      "world_size": self.d.world_size, "batch_size": self.config.batch_size}
-            path = save_checkpoint(self.run_dir, self.step, self.model, self.ema, state, self.config)
+            with run_dir_errors(self.run_dir):
+                path = save_checkpoint(self.run_dir, self.step, self.model, self.ema, state, self.config)
             self.log.write(event="checkpoint", step=self.step, path=str(path))
         if self.d.world_size > 1:
             dist.barrier()
@@ -746,8 +784,9 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     trainer = Trainer(config, d, resume_from)
     config = trainer.config
     if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+        with run_dir_errors(run_dir):  # fails here, before any step, when the run directory is not writable
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
         trainer.log.write(event="resume" if resume_from else "start", step=trainer.step, world_size=d.world_size,
                           device=str(d.device), precision=trainer.precision, data=trainer.stream.kind,
                           trainable_params=sum(p.numel() for p in trainer.params),
@@ -815,7 +854,17 @@ def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> TrainConf
     if "recipe" in data:
         raise DCAEError(f"{run_dir}: is a recipe run; resume it with --recipe three-phase --resume {run_dir}")
     config = config_from_dict(TrainConfig, data, str(path))
+    refuse_saved_commands(config, list(overrides), path)
     return apply_overrides(dataclasses.replace(config, run_dir=str(run_dir)), list(overrides))
+
+
+def refuse_saved_commands(config: TrainConfig, overrides: list[str], source: Path) -> None:
+    """A `pipe:` data path runs a shell command: allowed when typed now (--data / data.path=), not from a saved file."""
+    retyped = {item.split("=", 1)[0].strip() for item in overrides if "=" in item}
+    for key, value in (("data.path", config.data.path), ("data.val_path", config.data.val_path)):
+        if value and "pipe:" in value and key not in retyped:
+            raise DCAEError(f"{source}: saved {key}={value!r} would run a shell command; pass it again on the command "
+                            f"line (--data / {key}=...) if you trust it")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -288,10 +288,12 @@ def config_from_diffusers(d: dict[str, Any], name: str, source: str) -> DCAEConf
             out_act=d.get("decoder_conv_act_fn", "relu"),
         )
         scaling = d.get("scaling_factor", 1.0)
-        return DCAEConfig(name=name, in_channels=int(d.get("in_channels", 3)),
+        config = DCAEConfig(name=name, in_channels=int(d.get("in_channels", 3)),
                           latent_channels=int(d.get("latent_channels", 32)),
                           attention_head_dim=int(d.get("attention_head_dim", 32)), encoder=enc, decoder=dec,
-                          scaling_factor=None if scaling in (None, 1.0) else float(scaling))
+                            scaling_factor=None if scaling in (None, 1.0) else float(scaling))
+        config.validate()
+        return config
     except (KeyError, ValueError, TypeError) as error:
         raise DCAEError(f"{source}: not a supported AutoencoderDC config ({error})") from None
 
@@ -368,6 +370,22 @@ def infer_efficientvit_config(state: dict[str, torch.Tensor], hint: str | None, 
             return config
     raise DCAEError(f"{source}: efficientvit checkpoint matches no known preset and carries no config; "
                     "pass config=DCAEConfig(...) or a config.json beside it")
+
+
+MAX_PARAMETERS = 4_000_000_000  # 16 GB of fp32 weights; the largest published DC-AE (f128c512) has 1.1B
+
+
+def check_model_size(config: DCAEConfig, source: str) -> None:
+    """Validate a config and count its parameters on the meta device: a DCAEError before any weight is allocated."""
+    try:
+        config.validate()
+        with torch.device("meta"):
+            count = sum(p.numel() for p in DCAE(config).parameters())
+    except (ValueError, TypeError) as error:
+        raise DCAEError(f"{source}: invalid dcae config ({error})") from None
+    if count > MAX_PARAMETERS:
+        raise DCAEError(f"{source}: config describes a model of {count / 1e9:.1f}B parameters, over the limit of "
+                        f"{MAX_PARAMETERS / 1e9:.0f}B")
 
 
 def _meta_state(config: DCAEConfig) -> dict[str, torch.Tensor]:
@@ -447,10 +465,12 @@ def _load_file(path: Path, config: DCAEConfig | None, allow_pickle: bool, hint: 
     layout = _detect_layout(state, metadata, config_json)
     if config is None:
         config = _resolve_config(layout, metadata, config_json, state, hint, source)
+    check_model_size(config, source)
     if layout == "diffusers":
         state = from_diffusers(state, config, source)
     elif layout == "efficientvit":
         state = from_efficientvit(state, config, source)
+    check_shapes(state, _meta_shapes(config), source)  # the model built next is no larger than the file's tensors
     model = DCAE(config)
     load_state_dict_strict(model, state, source)
     return model
@@ -498,13 +518,18 @@ def _meta_shapes(config: DCAEConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in _meta_state(config).items()}
 
 
+def check_shapes(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str) -> None:
+    """Key sets and shapes of a checkpoint against a model's (from the meta device): DCAEError naming the first ones."""
+    _check_key_sets(set(state), set(expected), source)
+    bad = [f"{k} {tuple(v.shape)} != {expected[k]}" for k, v in state.items() if tuple(v.shape) != expected[k]]
+    if bad:
+        raise DCAEError(f"{source}: {len(bad)} tensor(s) with the wrong shape (e.g. {'; '.join(bad[:3])})")
+
+
 def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy tensors into the model; missing, unexpected, mis-shaped or non-numeric tensors are a DCAEError."""
     own = model.state_dict()
-    _check_key_sets(set(state), set(own), source)
-    bad = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
-    if bad:
-        raise DCAEError(f"{source}: {len(bad)} tensor(s) with the wrong shape (e.g. {'; '.join(bad[:3])})")
+    check_shapes(state, {k: tuple(v.shape) for k, v in own.items()}, source)
     converted = {}
     for k, v in state.items():
         target = own[k]

@@ -6,8 +6,7 @@ argparse's usage error); never another exception type, never a hang (an alarm pe
 address-space cap while the parser runs, and the resident-set high-water mark measured around it). The default suite
 runs a few dozen inputs per parser; `scripts/fuzz.py` runs the same strategies and checkers for thousands.
 
-Bugs this file found carry a `@pytest.mark.xfail(strict=True)` marker below (`OPEN_*`) and a deterministic `@example`
-that reproduces them; docs/hardening.md gives each fix. Delete the marker once its fix is in.
+Bugs this file found are fixed; each keeps a deterministic `@example` that reproduced it (docs/hardening.md lists them).
 """
 from __future__ import annotations
 
@@ -46,16 +45,6 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 
 # Open bugs (see docs/hardening.md for the fix of each); each test that reproduces one is marked with it.
-OPEN_CONFIG_VALIDATION = pytest.mark.xfail(strict=True, reason=(
-    "DCAEConfig.from_dict / weights._load_file build the model from unchecked values: wrong types and absurd sizes "
-    "raise TypeError/RuntimeError/ZeroDivisionError or allocate gigabytes instead of a DCAEError"))
-OPEN_OVERRIDE_OVERFLOW = pytest.mark.xfail(strict=True, reason=(
-    "train._parse_value: int(float('1e999')) raises OverflowError, which escapes as a traceback"))
-OPEN_ERROR_LINE_BREAKS = pytest.mark.xfail(strict=True, reason=(
-    "cli.main and commands.reconstruct.report_error print user text (values, file names) raw: a newline or another "
-    "line separator in it splits the one-line error"))
-OPEN_METRICS_SMALL = pytest.mark.xfail(strict=True, reason=(
-    "commands.metrics: LPIPS(alex) on images under 31 px raises RuntimeError (traceback)"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -612,9 +601,6 @@ def check_config(where: str, config: Any) -> None:
 
 _ABSURD = micro_config().to_dict()
 _ABSURD["encoder"]["width_list"] = [8, 10 ** 9, 16]  # 10^9 channels: gigabytes before any check
-
-
-@OPEN_CONFIG_VALIDATION
 @FUZZ
 @given(config_inputs())
 @example(("metadata", _ABSURD))
@@ -787,9 +773,6 @@ def check_cli(argv: list[str]) -> None:
 @example(["decode", "INPUT", "-o", "OUT", "--model", "MODEL", "--max-pixels", "-1"])
 def test_fuzz_cli_values(argv):
     check_cli(argv)
-
-
-@OPEN_OVERRIDE_OVERFLOW
 @pytest.mark.parametrize("value", ["1e999", "-1e999"])
 def test_train_override_overflow_is_a_clean_error(value):
     check_cli(["train", "--phase", "1", "--data", "DATA", f"steps={value}", "--print-config"])
@@ -810,18 +793,12 @@ def test_quality_out_of_range_is_refused(fmt, quality):
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             assert main(argv) == 2
         assert err.getvalue().startswith("dcae reconstruct: error: ") and "quality" in err.getvalue()
-
-
-@OPEN_ERROR_LINE_BREAKS
 @pytest.mark.parametrize("argv", [
     ["train", "--phase", "1", "--data", "DATA", "steps=1\n2", "--print-config"],  # found by the fuzzer with \x1d
     ["train", "--phase", "1", "--data", "DATA", "phase.use_gan=yes\u2028no", "--print-config"],
 ])
 def test_error_messages_stay_one_line_whatever_the_user_typed(argv):
     check_cli(argv)
-
-
-@OPEN_METRICS_SMALL
 def test_metrics_on_images_smaller_than_lpips_needs():
     """`dcae metrics a.png b.png` on 20x24 images: a result or one error line, not a RuntimeError traceback."""
     image = cli_inputs_dir() / "images" / "img.png"

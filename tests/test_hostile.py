@@ -6,7 +6,7 @@
   run directory, a hostile state.pt, a saved config that would run a shell command, values no run can use.
 - Resource bounds: a latent or a checkpoint tensor larger than anything the caller accepts, a compressed tar member.
 
-Tests that reproduce an open bug carry an `OPEN_*` xfail(strict=True) marker; docs/hardening.md gives each fix.
+Tests that reproduced a bug stay as regression tests; docs/hardening.md describes each bug and its fix.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_fuzz import OPEN_CONFIG_VALIDATION, guarded, micro_checkpoint, micro_config, one_line_dcae_error
+from test_fuzz import guarded, micro_checkpoint, micro_config, one_line_dcae_error
 
 import dcae
 from dcae.cli import main
@@ -40,25 +40,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 BSDS_TRAIN = DATA / "bsds500" / "train"
 
-OPEN_ALLOC_BEFORE_CHECK = pytest.mark.xfail(strict=True, reason=(
-    "tiling.read_latent reads the latent (and isfinite() touches every page of it) before `dcae decode` compares "
-    "its size with --max-pixels"))
-OPEN_MODEL_BEFORE_SHAPE_CHECK = pytest.mark.xfail(strict=True, reason=(
-    "weights._load_file builds DCAE(config) from the checkpoint's config before comparing the file's tensor names and "
-    "shapes with it: a small file whose config says 'the 323M default model' allocates 1.3 GB, then fails"))
-OPEN_STATE_PICKLE_ERROR = pytest.mark.xfail(strict=True, reason=(
-    "train.load_state: torch.load(weights_only=True) refuses a hostile state.pt, but its UnpicklingError escapes "
-    "as a traceback"))
-OPEN_READONLY_RUN_DIR = pytest.mark.xfail(strict=True, reason=(
-    "train.train writes config.json/log.jsonl/checkpoints without turning OSError into a DCAEError: a read-only "
-    "run directory ends in a PermissionError traceback"))
-OPEN_PIPE_IN_SAVED_CONFIG = pytest.mark.xfail(strict=True, reason=(
-    "a run directory's config.json with data.path='pipe:CMD' runs CMD on `dcae train --resume` (webdataset gopen)"))
-OPEN_TRAIN_CONFIG_RANGES = pytest.mark.xfail(strict=True, reason=(
-    "train.check_config lets through values that fail later with tracebacks or huge allocations"))
-OPEN_TAR_MEMBER_SIZE = pytest.mark.xfail(strict=True, reason=(
-    "data._shard_samples reads a whole tar member into memory whatever its declared size (a gzip-compressed shard "
-    "inflates without bound)"))
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
@@ -143,9 +124,6 @@ def test_checkpoint_with_an_unexpected_huge_tensor_is_refused_before_reading_it(
     sparse_safetensors(tmp_path / "model.safetensors", load_file(str(source)), {"junk": HUGE}, metadata)
     with pytest.raises(DCAEError, match="unexpected"), guarded(seconds=60, max_growth=128 << 20):
         dcae.DCAE.from_pretrained(tmp_path / "model.safetensors")
-
-
-@OPEN_MODEL_BEFORE_SHAPE_CHECK
 def test_small_checkpoint_whose_config_describes_a_big_model_is_refused_before_building_it(tmp_path):
     """The micro weights (135 kB) with `dcae_config: "{}"` in the metadata (the 323M-parameter default config):
     the names and shapes differ, which the meta device tells without allocating the big model (found by the fuzzer)."""
@@ -153,9 +131,6 @@ def test_small_checkpoint_whose_config_describes_a_big_model_is_refused_before_b
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt", "dcae_config": "{}"})
     with pytest.raises(DCAEError, match="does not match"), guarded(seconds=60, max_growth=256 << 20):
         dcae.DCAE.from_pretrained(tmp_path / "model.safetensors")
-
-
-@OPEN_ALLOC_BEFORE_CHECK
 def test_decode_refuses_an_oversized_latent_before_reading_it(tmp_path):
     """A latent that decodes to 8192x8192x(4^2) pixels: over --max-pixels, refused from its header."""
     from dcae.tiling import config_hash
@@ -245,9 +220,6 @@ ABSURD_CONFIGS = {
     "string_scaling": _absurd(("scaling_factor",), "abc"),
     "forty_stages": _absurd(("encoder", "width_list"), [8] * 40),
 }
-
-
-@OPEN_CONFIG_VALIDATION
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the hang alarm inside a gc callback
 @pytest.mark.parametrize("name", sorted(ABSURD_CONFIGS))
 def test_absurd_configs_are_rejected_before_building(tmp_path, name):
@@ -259,18 +231,12 @@ def test_absurd_configs_are_rejected_before_building(tmp_path, name):
     with pytest.raises(DCAEError) as caught, guarded(seconds=10, max_growth=64 << 20):
         dcae.DCAE.from_pretrained(tmp_path / "model.safetensors")
     one_line_dcae_error(caught.value)
-
-
-@OPEN_CONFIG_VALIDATION
 @pytest.mark.parametrize("name", ["negative_width", "billion_channels", "zero_head_dim", "string_channels",
                                   "nan_scaling", "huge_depth"])
 def test_config_from_dict_validates_ranges(name):
     """DCAEConfig.from_dict itself refuses (ValueError) what no model can be built from."""
     with pytest.raises((ValueError, DCAEError)), guarded(seconds=10, max_growth=64 << 20):
         dcae.DCAEConfig.from_dict(ABSURD_CONFIGS[name])
-
-
-@OPEN_CONFIG_VALIDATION
 @pytest.mark.parametrize("key,value", [("latent_channels", 10 ** 9), ("encoder_block_out_channels", [8, 10 ** 9, 16]),
                                        ("decoder_layers_per_block", "abc"), ("attention_head_dim", 0),
                                        ("in_channels", -3)])
@@ -406,9 +372,6 @@ def _privileges_dropped() -> list[str]:
     if setpriv is None:
         pytest.skip("running as root without setpriv: a read-only directory would still be writable")
     return [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
-
-
-@OPEN_READONLY_RUN_DIR
 def test_read_only_run_dir_gives_one_error_line_and_keeps_the_checkpoint(micro_run):
     before = _snapshot(micro_run)
     paths = [micro_run, *micro_run.rglob("*")]
@@ -435,9 +398,6 @@ def test_hostile_state_pt_never_runs_code(micro_run):
     with contextlib.suppress(Exception):
         run_cli(["train", "--resume", str(micro_run), "--steps", "2"])
     assert not marker.exists()
-
-
-@OPEN_STATE_PICKLE_ERROR
 def test_hostile_state_pt_is_a_one_line_error(micro_run):
     from dcae.train import latest_checkpoint
 
@@ -445,9 +405,6 @@ def test_hostile_state_pt_is_a_one_line_error(micro_run):
     code, _, stderr = run_cli(["train", "--resume", str(micro_run), "--steps", "2"])
     assert code == 2
     assert_one_error_line(stderr, "train")
-
-
-@OPEN_PIPE_IN_SAVED_CONFIG
 def test_resume_does_not_run_a_pipe_command_from_a_saved_config(micro_run):
     """config.json is data: a `pipe:` data path saved in it must not run on --resume (it may when typed as --data)."""
     marker = micro_run / "PWNED"
@@ -477,7 +434,6 @@ def test_resume_with_a_truncated_latest_pointer_and_a_torn_checkpoint(micro_run)
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Training values no run can use: refused before the run starts
-@OPEN_TRAIN_CONFIG_RANGES
 @pytest.mark.parametrize("override", ["seed=-5", "data.num_workers=-1", "phase.resolution=100000", "ema_decay=nan",
                                       "ema_decay=2", "optim.lr=-1", "optim.lr=nan", "data.prefetch_factor=0",
                                       "optim.betas=(1.5,0.9)", "optim.eps=0", "data.max_retries=0"])
@@ -500,7 +456,6 @@ def test_resolution_not_a_multiple_of_the_spatial_factor(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Tar shards: member size bound
-@OPEN_TAR_MEMBER_SIZE
 def test_compressed_tar_member_does_not_inflate_without_bound(tmp_path):
     """A 300 MiB member of zeros, gzip-compressed to ~300 KiB: skipped from its declared size, not read."""
     from dcae.data import DataConfig, TrainStream

@@ -44,7 +44,7 @@ def load_latents(jobs: list[Job], model: torch.nn.Module, args: argparse.Namespa
     factor = model.spatial_factor
     for job in jobs:
         try:
-            latent, size, alpha, _ = read_latent(job.source, model)
+            latent, size, alpha, _ = read_latent(job.source, model, max_pixels=args.max_pixels)
             full = (latent.shape[-2] * factor, latent.shape[-1] * factor)
             size = size or full
             if size[0] * size[1] > args.max_pixels:

@@ -90,6 +90,10 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+SSIM_MIN_SIDE = 11  # the Gaussian window
+LPIPS_MIN_SIDE = {"alex": 31, "vgg": 16}  # smaller inputs vanish in the trunk's pooling layers
+
+
 def compare(pairs: list[tuple[str, Path, Path]], lpips_net: str, device: torch.device, with_fid: bool) -> dict:
     """Per-image PSNR/SSIM/LPIPS of each pair (images read as 8-bit RGB), their means, and FID if asked."""
     lpips = LPIPS(lpips_net).to(device)
@@ -101,6 +105,10 @@ def compare(pairs: list[tuple[str, Path, Path]], lpips_net: str, device: torch.d
         if img_a.shape != img_b.shape:
             raise DCAEError(f"{path_a} is {img_a.shape[-1]}x{img_a.shape[-2]} but {path_b} is "
                             f"{img_b.shape[-1]}x{img_b.shape[-2]}")
+        need = max(SSIM_MIN_SIDE, LPIPS_MIN_SIDE[lpips_net])
+        if min(img_a.shape[-2:]) < need:
+            raise DCAEError(f"{path_a}: image is {img_a.shape[-1]}x{img_a.shape[-2]}; SSIM and LPIPS({lpips_net}) "
+                            f"need at least {need}x{need} pixels")
         x, y = img_a.float() / 255, img_b.float() / 255  # (1, 3, H, W) in [0, 1]
         with torch.no_grad():
             d = lpips(x * 2 - 1, y * 2 - 1)

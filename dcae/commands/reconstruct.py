@@ -94,7 +94,9 @@ def warn(command: str, message: str) -> None:
 
 def report_error(command: str, message: str) -> None:
     """One line on stderr, safe to call while a progress bar is shown."""
-    tqdm.write(f"dcae {command}: error: {message}", file=sys.stderr)
+    from dcae.cli import printable
+
+    tqdm.write(f"dcae {command}: error: {printable(message)}", file=sys.stderr)
 
 
 def load_model(spec: str | None, device: torch.device, command: str) -> tuple[torch.nn.Module, str]:

@@ -103,6 +103,8 @@ def _run_recipe(args: argparse.Namespace) -> int:
         configs = [training.config_from_dict(training.TrainConfig, c, str(path)) for c in saved["phases"]]
         extra = [o for o in _flag_overrides(args, True) + list(args.overrides)
                  if not o.startswith(("run_dir=", "init=", "preset="))]
+        for k, c in enumerate(configs, start=1):
+            training.refuse_saved_commands(c, training.phase_overrides(extra, k), path)
         steps = _phase_steps(args.phase_steps) if args.phase_steps else [c.steps for c in configs]
         configs = [training.apply_overrides(dataclasses.replace(c, steps=s), training.phase_overrides(extra, k))
                    for k, (c, s) in enumerate(zip(configs, steps), start=1)]
