@@ -28,7 +28,7 @@ import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -397,23 +397,17 @@ def _replace_with_link(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: nn.Module, state: dict[str, Any],
-                    config: TrainConfig) -> Path:
-    """Write checkpoints/step_N atomically (temp dir, rename, then the `latest` pointer) and refresh the top level."""
-    if not (all_finite(model) and all_finite(ema)):
-        raise DCAEError(f"step {step}: refusing to save a checkpoint with non-finite weights")
+def write_checkpoint_dir(run_dir: Path, step: int, write_files: Callable[[Path], None]) -> Path:
+    """Make checkpoints/step_N atomically: `write_files` fills a temp dir, which is fsynced and renamed into place,
+    then the `latest` pointer moves to it. A complete step_N (it has state.pt) is kept as it is."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
     final, tmp = root / name, root / f".tmp_{name}"
     if not (final / "state.pt").is_file():
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)  # model.safetensors (config in metadata) + config.json
-        ema.save_pretrained(tmp / "ema")
-        os.replace(tmp / "ema" / "model.safetensors", tmp / "ema.safetensors")
-        shutil.rmtree(tmp / "ema")
-        torch.save(state, tmp / "state.pt")
-        (tmp / "train_config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+        tmp.mkdir()
+        write_files(tmp)
         _fsync_tree(tmp)
         if os.environ.get(CHECKPOINT_SLEEP_ENV):  # test hook: a SIGKILL landing here must not break the run
             time.sleep(float(os.environ[CHECKPOINT_SLEEP_ENV]))
@@ -422,9 +416,27 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: nn.Module, 
     pointer_tmp = root / ".latest.tmp"
     pointer_tmp.write_text(name + "\n")
     os.replace(pointer_tmp, root / "latest")
+    return final
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: nn.Module, state: dict[str, Any],
+                    config: TrainConfig) -> Path:
+    """Write checkpoints/step_N atomically (temp dir, rename, then the `latest` pointer) and refresh the top level."""
+    if not (all_finite(model) and all_finite(ema)):
+        raise DCAEError(f"step {step}: refusing to save a checkpoint with non-finite weights")
+
+    def write_files(tmp: Path) -> None:
+        model.save_pretrained(tmp)  # model.safetensors (config in metadata) + config.json
+        ema.save_pretrained(tmp / "ema")
+        os.replace(tmp / "ema" / "model.safetensors", tmp / "ema.safetensors")
+        shutil.rmtree(tmp / "ema")
+        torch.save(state, tmp / "state.pt")
+        (tmp / "train_config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+
+    final = write_checkpoint_dir(run_dir, step, write_files)
     _replace_with_link(final / "model.safetensors", run_dir / "model.safetensors")
     _replace_with_link(final / "ema.safetensors", run_dir / "ema.safetensors")
-    prune_checkpoints(root, config.keep_checkpoints, keep=final)
+    prune_checkpoints(checkpoint_dir(run_dir), config.keep_checkpoints, keep=final)
     return final
 
 

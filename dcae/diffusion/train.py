@@ -17,8 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import shutil
 import time
 import typing
 from dataclasses import dataclass, field
@@ -56,6 +54,7 @@ from dcae.train import (
     prune_checkpoints,
     reduce_mean,
     update_ema,
+    write_checkpoint_dir,
 )
 
 METADATA_KEY = "dcae_diffusion"  # safetensors metadata entry holding the checkpoint's JSON description
@@ -201,25 +200,16 @@ def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: nn.Module, state: dict[str, Any],
                     config: TrainDiffusionConfig, index: dict[str, Any]) -> Path:
-    """Write checkpoints/step_N atomically: a temp dir renamed into place, then the `latest` pointer."""
-    root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:08d}"
-    final, tmp = root / name, root / f".tmp_{name}"
-    if not (final / "state.pt").is_file():
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+    """Write checkpoints/step_N atomically (dcae.train.write_checkpoint_dir), then prune old ones."""
+    def write_files(tmp: Path) -> None:
         metadata = checkpoint_metadata(config, index, step)
         save_file(_weights(model), tmp / "model.safetensors", metadata=metadata)
         save_file(_weights(ema), tmp / "ema.safetensors", metadata=metadata)
         torch.save(state, tmp / "state.pt")
         (tmp / "train_config.json").write_text(json.dumps(config_dict(config), indent=2) + "\n")
-        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same step (no state.pt)
-        os.rename(tmp, final)
-    pointer_tmp = root / ".latest.tmp"
-    pointer_tmp.write_text(name + "\n")
-    os.replace(pointer_tmp, root / "latest")
-    prune_checkpoints(root, config.keep_checkpoints, keep=final)
+
+    final = write_checkpoint_dir(run_dir, step, write_files)
+    prune_checkpoints(checkpoint_dir(run_dir), config.keep_checkpoints, keep=final)
     return final
 
 
