@@ -10,9 +10,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from dcae.commands.reconstruct import (PROGRESS_ABOVE, Job, add_model_arguments, add_output_arguments, autocast,
-                                       batches, check_options, check_tile_options, load_model, one_line, plan_jobs,
-                                       report_error, select_device)
+from dcae.commands.reconstruct import (Job, Progress, add_model_arguments, add_output_arguments, autocast, batches,
+                                       one_line, plan_jobs, prepare, report_error)
 from dcae.errors import DCAEError
 from dcae.images import DEFAULT_MAX_PIXELS, from_model_range, write_image
 from dcae.tiling import decode_latent, read_latent, resolve_tile
@@ -61,22 +60,15 @@ def load_latents(jobs: list[Job], model: torch.nn.Module, args: argparse.Namespa
 
 def run(args: argparse.Namespace) -> int:
     command = "decode"
-    check_options(args)
-    device = select_device(args.device)
-    model, model_id = load_model(args.model, device, command)
-    check_tile_options(args, model.spatial_factor)
+    device, model, model_id = prepare(args, command)
     jobs, failures = plan_jobs(args.inputs, args.output, "." + args.format, command, extensions=(".safetensors",))
-    failed: list[Job] = []
-    bar = tqdm(total=len(jobs), unit="file", disable=len(jobs) <= PROGRESS_ABOVE, file=sys.stderr, leave=False)
+    progress = Progress.start(len(jobs), "file")
     done = 0
     start = time.perf_counter()
 
-    def fail(job: Job) -> None:
-        failed.append(job)
-        bar.update(1)
-
     with torch.inference_mode():
-        for batch in batches(load_latents(jobs, model, args, command, fail), lambda item: item.key, args.batch_size):
+        latents = load_latents(jobs, model, args, command, progress.fail)
+        for batch in batches(latents, lambda item: item.key, args.batch_size):
             try:
                 z = torch.cat([item.latent for item in batch])  # (B, c, h, w)
                 if batch[0].key[0] != "tiled":
@@ -89,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             except (DCAEError, RuntimeError, MemoryError, ValueError) as error:
                 for item in batch:
                     report_error(command, f"{item.job.source}: {one_line(error)}")
-                    fail(item.job)
+                    progress.fail(item.job)
                 continue
             for i, item in enumerate(batch):
                 image = images[i]
@@ -99,13 +91,13 @@ def run(args: argparse.Namespace) -> int:
                     write_image(item.job.output, image, format=args.format, quality=args.quality)
                 except DCAEError as error:
                     report_error(command, str(error))
-                    fail(item.job)
+                    progress.fail(item.job)
                     continue
                 tqdm.write(f"{item.job.source} -> {item.job.output}  {item.size[1]}x{item.size[0]}", file=sys.stdout)
                 done += 1
-                bar.update(1)
-    bar.close()
-    failures += len(failed)
+                progress.bar.update(1)
+    progress.bar.close()
+    failures += len(progress.failed)
     elapsed = time.perf_counter() - start
     rate = f" in {elapsed:.1f} s ({done / elapsed:.2f} latents/s)" if done else ""
     print(f"decoded {done}/{done + failures} latents{rate} with {model_id}")

@@ -8,9 +8,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from dcae.commands.reconstruct import (DTYPES, PROGRESS_ABOVE, Job, add_model_arguments, autocast, batches,
-                                       check_options, check_tile_options, load_images, load_model, one_line,
-                                       plan_jobs, report_error, select_device)
+from dcae.commands.reconstruct import (DTYPES, Progress, add_model_arguments, autocast, batches, load_images,
+                                       one_line, plan_jobs, prepare, report_error)
 from dcae.errors import DCAEError
 from dcae.images import DEFAULT_MAX_PIXELS, to_model_range
 from dcae.tiling import encode_image, latent_metadata, padding_for, resolve_tile, write_latent
@@ -28,22 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     command = "encode"
-    check_options(args)
-    device = select_device(args.device)
-    model, model_id = load_model(args.model, device, command)
-    check_tile_options(args, model.spatial_factor)
+    device, model, model_id = prepare(args, command)
     factor = model.spatial_factor
     jobs, failures = plan_jobs(args.inputs, args.output, ".safetensors", command)
-    failed: list[Job] = []
-    bar = tqdm(total=len(jobs), unit="img", disable=len(jobs) <= PROGRESS_ABOVE, file=sys.stderr, leave=False)
+    progress = Progress.start(len(jobs), "img")
     done = 0
     start = time.perf_counter()
 
-    def fail(job: Job) -> None:
-        failed.append(job)
-        bar.update(1)
-
-    loaded = load_images(jobs, factor, args.tile, args.overlap, args.max_pixels, command, fail)
+    loaded = load_images(jobs, factor, args.tile, args.overlap, args.max_pixels, command, progress.fail)
     with torch.inference_mode():
         for batch in batches(loaded, lambda item: item.key, args.batch_size):
             height, width = batch[0].rgb.shape[-2:]
@@ -59,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
             except (DCAEError, RuntimeError, MemoryError, ValueError) as error:
                 for item in batch:
                     report_error(command, f"{item.job.source}: {one_line(error)}")
-                    fail(item.job)
+                    progress.fail(item.job)
                 continue
             dtype = DTYPES[args.dtype]
             for i, item in enumerate(batch):
@@ -70,15 +61,15 @@ def run(args: argparse.Namespace) -> int:
                     write_latent(item.job.output, z[i].to(dtype), metadata, alpha)
                 except DCAEError as error:
                     report_error(command, str(error))
-                    fail(item.job)
+                    progress.fail(item.job)
                     continue
                 c, h, w = z.shape[1:]
                 tqdm.write(f"{item.job.source}  {width}x{height} -> {item.job.output}  latent {c}x{h}x{w} "
                            f"{args.dtype}", file=sys.stdout)
                 done += 1
-                bar.update(1)
-    bar.close()
-    failures += len(failed)
+                progress.bar.update(1)
+    progress.bar.close()
+    failures += len(progress.failed)
     elapsed = time.perf_counter() - start
     rate = f" in {elapsed:.1f} s ({done / elapsed:.2f} images/s)" if done else ""
     print(f"encoded {done}/{done + failures} images{rate} with {model_id}")

@@ -201,6 +201,30 @@ def plan_jobs(inputs: list[str], outdir: str, suffix: str, command: str,
     return jobs, failures
 
 
+def prepare(args: argparse.Namespace, command: str) -> tuple[torch.device, torch.nn.Module, str]:
+    """Check the options, pick the device and load the model: the start every image command shares."""
+    check_options(args)
+    device = select_device(args.device)
+    model, model_id = load_model(args.model, device, command)
+    check_tile_options(args, model.spatial_factor)
+    return device, model, model_id
+
+
+@dataclass
+class Progress:
+    """The progress bar over the planned jobs, and the jobs that failed after planning."""
+    bar: tqdm
+    failed: list[Job]
+
+    @classmethod
+    def start(cls, total: int, unit: str) -> "Progress":
+        return cls(tqdm(total=total, unit=unit, disable=total <= PROGRESS_ABOVE, file=sys.stderr, leave=False), [])
+
+    def fail(self, job: Job) -> None:
+        self.failed.append(job)
+        self.bar.update(1)
+
+
 def batches(items: Iterable[T], key: Callable[[T], Hashable], batch_size: int) -> Iterator[list[T]]:
     """Consecutive items with equal keys, at most `batch_size` at a time."""
     batch: list[T] = []
@@ -298,38 +322,29 @@ def _output_image(rgb: torch.Tensor, out: torch.Tensor, alpha: torch.Tensor | No
 
 def run(args: argparse.Namespace) -> int:
     command = "reconstruct"
-    check_options(args)
-    device = select_device(args.device)
-    model, model_id = load_model(args.model, device, command)
+    device, model, model_id = prepare(args, command)
     factor, channels = model.spatial_factor, model.latent_channels
-    check_tile_options(args, factor)
     jobs, failures = plan_jobs(args.inputs, args.output, "." + args.format, command)
-    failed: list[Job] = []
-    bar = tqdm(total=len(jobs), unit="img", disable=len(jobs) <= PROGRESS_ABOVE, file=sys.stderr, leave=False)
+    progress = Progress.start(len(jobs), "img")
     psnrs: list[float] = []
     ssims: list[float] = []
     latent_shapes: set[tuple[int, ...]] = set()
     pixels = latent_values = 0
     start = time.perf_counter()
 
-    def fail(job: Job) -> None:
-        failed.append(job)
-        bar.update(1)
-
-    loaded = load_images(jobs, factor, args.tile, args.overlap, args.max_pixels, command, fail)
+    loaded = load_images(jobs, factor, args.tile, args.overlap, args.max_pixels, command, progress.fail)
     with torch.inference_mode():
         for batch in batches(loaded, lambda item: item.key, args.batch_size):
+            rgb = torch.stack([item.rgb for item in batch])
             try:
                 with autocast(device, args.dtype), warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # e.g. autocast dtype notes, once per batch
-                    out, latent_shape = reconstruct(model, torch.stack([item.rgb for item in batch]), device,
-                                                    args.tile, args.overlap)
-                rgb = torch.stack([item.rgb for item in batch])
+                    out, latent_shape = reconstruct(model, rgb, device, args.tile, args.overlap)
                 batch_psnr, batch_ssim = image_metrics(rgb, out)
             except (DCAEError, RuntimeError, MemoryError, ValueError) as error:
                 for item in batch:
                     report_error(command, f"{item.job.source}: {one_line(error)}")
-                    fail(item.job)
+                    progress.fail(item.job)
                 continue
             for i, item in enumerate(batch):
                 try:
@@ -337,7 +352,7 @@ def run(args: argparse.Namespace) -> int:
                                 format=args.format, quality=args.quality)
                 except DCAEError as error:
                     report_error(command, str(error))
-                    fail(item.job)
+                    progress.fail(item.job)
                     continue
                 height, width = item.rgb.shape[-2:]
                 psnrs.append(float(batch_psnr[i]))
@@ -348,11 +363,11 @@ def run(args: argparse.Namespace) -> int:
                 c, h, w = latent_shape
                 tqdm.write(f"{item.job.source}  {width}x{height} -> latent {c}x{h}x{w}  "
                            f"PSNR {batch_psnr[i]:.2f} dB  SSIM {_fmt(float(batch_ssim[i]))}", file=sys.stdout)
-                bar.update(1)
-    bar.close()
+                progress.bar.update(1)
+    progress.bar.close()
     elapsed = time.perf_counter() - start
     done = len(psnrs)
-    failures += len(failed)
+    failures += len(progress.failed)
     summary = f"reconstructed {done}/{done + failures} images"
     if done:
         shape = ("x".join(map(str, latent_shapes.pop())) if len(latent_shapes) == 1
