@@ -15,7 +15,7 @@ import sys
 import time
 
 from experiments.common import (
-    compression_ratio, make_arm, new_results, print_summary, study_parser, train_phase1, write_json_atomic,
+    compression_ratio, finish, make_arm, new_results, record_arm, study_parser, train_phase1,
 )
 
 PRESETS = ("dc-ae-tiny-f8c4", "dc-ae-tiny-f32c32", "dc-ae-tiny-f64c128")
@@ -36,13 +36,9 @@ def main(argv: list[str] | None = None) -> int:
         for preset in args.presets:
             train = train_phase1(args, preset, seed)
             info = compression_ratio(preset)
-            results["arms"].append(make_arm(f"{preset.removeprefix('dc-ae-tiny-')}", seed, [train], specs, args,
-                                            preset=preset, **info))
-            results["wall_s"] = time.time() - started
-            write_json_atomic(args.out, results)
-    print_summary(results, specs)
-    print(f"wrote {args.out}")
-    return 0
+            arm = make_arm(preset.removeprefix("dc-ae-tiny-"), seed, [train], specs, args, preset=preset, **info)
+            record_arm(results, arm, started, args.out)
+    return finish(results, specs, args.out)
 
 
 if __name__ == "__main__":

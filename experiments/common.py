@@ -412,6 +412,19 @@ def train_phase1(args: argparse.Namespace, preset: str, seed: int, extra: Iterab
     return train_budgeted(train_args, args.runs_root, label, args.budget_min * 60)
 
 
+def record_arm(results: dict[str, Any], arm: dict[str, Any], started: float, out: Path) -> None:
+    """Add one finished arm and rewrite the results file, so an interrupted study keeps what it has measured."""
+    results["arms"].append(arm)
+    results["wall_s"] = time.time() - started
+    write_json_atomic(out, results)
+
+
+def finish(results: dict[str, Any], specs: list[str], out: Path) -> int:
+    print_summary(results, specs)
+    print(f"wrote {out}")
+    return 0
+
+
 def make_arm(name: str, seed: int, trains: list[dict[str, Any]], specs: list[str], args: argparse.Namespace,
              **extra: Any) -> dict[str, Any]:
     """One configuration's record: its training chain (base run first) and its metrics on each eval spec."""

@@ -17,8 +17,8 @@ import sys
 import time
 
 from experiments.common import (
-    continue_budgeted, make_arm, new_results, phase_args, print_summary, study_parser, train_budgeted, train_phase1,
-    write_json_atomic,
+    continue_budgeted, finish, make_arm, new_results, phase_args, record_arm, study_parser, train_budgeted,
+    train_phase1,
 )
 
 CLAIM = ("Phase 3 (GAN loss, decoder head only) beats GAN tuning of the full model: rFID 0.69 vs 0.82, and it leaves "
@@ -53,12 +53,9 @@ def main(argv: list[str] | None = None) -> int:
             arms.append((name, [base, train_budgeted(train_args, args.runs_root, label, extra_s)],
                          {"trainable": trainable, "followup_phase": 3}))
         for name, trains, extra in arms:
-            results["arms"].append(make_arm(name, seed, trains, specs, args, preset=args.preset, **extra))
-            results["wall_s"] = time.time() - started
-            write_json_atomic(args.out, results)
-    print_summary(results, specs)
-    print(f"wrote {args.out}")
-    return 0
+            arm = make_arm(name, seed, trains, specs, args, preset=args.preset, **extra)
+            record_arm(results, arm, started, args.out)
+    return finish(results, specs, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import time
 
-from experiments.common import make_arm, new_results, print_summary, study_parser, train_phase1, write_json_atomic
+from experiments.common import finish, make_arm, new_results, record_arm, study_parser, train_phase1
 
 BASES = {"f32": "dc-ae-tiny-f32c32", "f64": "dc-ae-tiny-f64c128"}
 VARIANTS = {"residual": "", "plain": "-plain", "conv-shortcut": "-conv-shortcut"}
@@ -35,13 +35,10 @@ def main(argv: list[str] | None = None) -> int:
             for variant, suffix in VARIANTS.items():
                 preset = base + suffix
                 train = train_phase1(args, preset, seed)
-                results["arms"].append(make_arm(f"{group} {variant}", seed, [train], specs, args, group=group,
-                                                variant=variant, preset=preset))
-                results["wall_s"] = time.time() - started
-                write_json_atomic(args.out, results)
-    print_summary(results, specs)
-    print(f"wrote {args.out}")
-    return 0
+                arm = make_arm(f"{group} {variant}", seed, [train], specs, args, group=group, variant=variant,
+                               preset=preset)
+                record_arm(results, arm, started, args.out)
+    return finish(results, specs, args.out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Train the embedded default model (dc-ae-tiny-f32c32) on BSDS500 train+test, within a wall-clock budget.
 
-    python experiments/train_default.py --budget-min 60 --run-dir runs/default-f32c32
+    python -m experiments.train_default --budget-min 60 --run-dir runs/default-f32c32
 
 Phase 1 only (L1 + 0.1 LPIPS) at 128px crops: on two CPU cores this is where the budget buys the most PSNR.
 The run stops at the budget with a checkpoint (SIGINT), resumable with the same command plus --resume.
@@ -9,26 +9,13 @@ Then `python experiments/export_default.py RUN` writes the packaged fp16 copy an
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bsds500"
-
-
-def union_folder(root: Path, parts: list[str]) -> Path:
-    """A folder of symlinks joining several BSDS500 splits (the trainer reads one folder)."""
-    root.mkdir(parents=True, exist_ok=True)
-    for part in parts:
-        (root / part).mkdir(exist_ok=True)
-        for image in sorted((DATA / part).glob("*.jpg")):
-            link = root / part / image.name
-            if not link.exists():
-                link.symlink_to(image)
-    return root
+from experiments.common import BSDS, union_folder
 
 
 def main() -> int:
@@ -41,11 +28,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    data = union_folder(Path("runs/data/bsds500-train+test"), ["train", "test"])
+    data = union_folder(Path("runs/data/bsds500-train+test"))
     if args.resume:
         cmd = ["--resume", args.run_dir, "--steps", "1000000"]
     else:
-        cmd = ["--preset", "dc-ae-tiny-f32c32", "--data", str(data), "--val-data", str(DATA / "val"),
+        cmd = ["--preset", "dc-ae-tiny-f32c32", "--data", str(data), "--val-data", str(BSDS / "val"),
                "--phase", "1", "--steps", "1000000", "--batch-size", str(args.batch_size),
                "--resolution", str(args.resolution), "--seed", str(args.seed), "--run-dir", args.run_dir,
                "--num-workers", "1",
