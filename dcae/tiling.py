@@ -5,6 +5,10 @@ of the spatial factor f, so every tile boundary falls on a whole latent pixel. E
 by a separable window that ramps linearly over the overlap on the sides that touch another tile (flat 1 on
 image borders) and accumulated into one preallocated float32 tensor, then divided by the summed weights.
 Peak memory is one tile's activations plus the input and the output.
+
+Memory-aware: a `MemoryBudget` (bytes one pass may use, and an estimate of activation bytes per image pixel for
+this model) shrinks "auto" tiles until one fits, and refuses an untiled pass or a tile size that would not fit,
+with a one-line error, instead of letting the kernel's OOM killer end the process.
 """
 from __future__ import annotations
 
@@ -12,6 +16,8 @@ import hashlib
 import json
 import math
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -56,15 +62,97 @@ def default_tile(factor: int) -> tuple[int, int]:
     return tile, max(factor, tile // 8 // factor * factor)
 
 
-def resolve_tile(tile: TileSpec, height: int, width: int, factor: int, overlap: int | None = None
-                 ) -> tuple[int, int] | None:
-    """Tile option + padded image size -> (tile, overlap) in pixels, or None to run the whole image at once."""
+# --- memory budget ---------------------------------------------------------------------------------------------------
+# Activation bytes per image pixel = (widest stage's channels per image pixel) x 4 bytes x LIVE_TENSORS[op] + the
+# float32 input/output and blending buffers (EXTRA_BYTES_PER_PIXEL), plus a fixed OVERHEAD_BYTES for the allocator
+# and small tensors. LIVE_TENSORS was measured with peak RSS (benchmarks/tiled_memory.py, tests/test_tiling.py):
+# it bounds the measured peak of every preset tried, fp32 and bf16 (autocast keeps norms and attention in fp32).
+LIVE_TENSORS = {"encode": 4.0, "decode": 6.0}
+EXTRA_BYTES_PER_PIXEL = 64
+OVERHEAD_BYTES = 256 * 2**20
+MIN_TILE_LATENT = 4  # "auto" shrinks tiles down to 4 latent pixels a side, no further
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """What one encode/decode pass may allocate: `bytes`, at an estimated `bytes_per_pixel` of the image."""
+
+    bytes: int
+    bytes_per_pixel: float
+
+    @property
+    def max_pixels(self) -> int:
+        """Image pixels one pass may cover (0 when even the fixed overhead does not fit)."""
+        return max(0, int((self.bytes - OVERHEAD_BYTES) // self.bytes_per_pixel))
+
+    def needed_gb(self, pixels: int) -> float:
+        return (OVERHEAD_BYTES + pixels * self.bytes_per_pixel) / 1e9
+
+
+def activation_bytes_per_pixel(model: nn.Module, ops: tuple[str, ...] = ("encode", "decode")) -> float:
+    """Estimated peak activation bytes per image pixel of the most expensive of `ops` (see LIVE_TENSORS)."""
+    config = model.config
+    worst = 0.0
+    for op in ops:
+        widths = (config.encoder if op == "encode" else config.decoder).width_list
+        channels_per_pixel = max(width / 4**stage for stage, width in enumerate(widths))  # stage s is at 1/2^s
+        worst = max(worst, channels_per_pixel * 4 * LIVE_TENSORS[op] + EXTRA_BYTES_PER_PIXEL)
+    return worst
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for a new allocation: the GPU's free memory, else MemAvailable capped by the cgroup's headroom."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        match = re.search(r"MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text())
+        free = int(match.group(1)) * 1024 if match else free
+    except OSError:
+        pass
+    try:  # containers: the cgroup v2 limit can be far below the host's free memory
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            free = min(free, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return max(free, 0)
+
+
+def memory_budget(model: nn.Module, device: torch.device, max_memory_gb: float | None = None,
+                  ops: tuple[str, ...] = ("encode", "decode"), batch_size: int = 1) -> MemoryBudget:
+    """The budget for one image of a batch: `max_memory_gb`, or 80% of what `device` has free, split over the batch."""
+    total = int(max_memory_gb * 1e9) if max_memory_gb is not None else int(0.8 * available_memory(device))
+    return MemoryBudget(total // max(1, batch_size), activation_bytes_per_pixel(model, ops))
+
+
+def _over_budget(what: str, pixels: int, budget: MemoryBudget) -> DCAEError:
+    return DCAEError(f"{what} needs ~{budget.needed_gb(pixels):.1f} GB (estimated), over the memory budget of "
+                     f"{budget.bytes / 1e9:.1f} GB: use --tile auto or a smaller --tile, or raise --max-memory")
+
+
+def resolve_tile(tile: TileSpec, height: int, width: int, factor: int, overlap: int | None = None,
+                 budget: MemoryBudget | None = None) -> tuple[int, int] | None:
+    """Tile option + padded image size -> (tile, overlap) in pixels, or None to run the whole image at once.
+
+    With a `budget`, "auto" runs whole only images that fit it and shrinks its tiles until one fits; an untiled
+    pass ("none") or an explicit tile size that does not fit raises DCAEError.
+    """
+    fits = (lambda pixels: True) if budget is None else (lambda pixels: pixels <= budget.max_pixels)
     if tile is None or (isinstance(tile, str) and tile.lower() in ("none", "off", "0")) or tile == 0:
+        if not fits(height * width):
+            raise _over_budget(f"an untiled pass over {width}x{height}", height * width, budget)
         return None
     if isinstance(tile, str) and tile.lower() == "auto":
-        if height * width <= AUTO_TILE_ABOVE_PIXELS:
+        if height * width <= AUTO_TILE_ABOVE_PIXELS and fits(height * width):
             return None
         size, auto_overlap = default_tile(factor)
+        while not fits(size * size) and size > MIN_TILE_LATENT * factor:
+            size = max(MIN_TILE_LATENT * factor, size // 2 // factor * factor)
+        if not fits(size * size):
+            raise _over_budget(f"even a {size}x{size} tile", size * size, budget)
+        auto_overlap = min(auto_overlap, max(factor, size // 8 // factor * factor))
         overlap = auto_overlap if overlap is None else overlap
     else:
         try:
@@ -77,7 +165,11 @@ def resolve_tile(tile: TileSpec, height: int, width: int, factor: int, overlap: 
     if overlap < 0 or overlap % factor or overlap >= size:
         raise DCAEError(f"tile overlap {overlap} must be a multiple of {factor} and smaller than the tile {size}")
     if height <= size and width <= size:
+        if not fits(height * width):
+            raise _over_budget(f"a {min(size, width)}x{min(size, height)} tile", height * width, budget)
         return None  # one tile covers everything
+    if not fits(size * size):
+        raise _over_budget(f"a {size}x{size} tile", size * size, budget)
     return size, overlap
 
 
@@ -160,12 +252,12 @@ def tiled_decode(model: nn.Module, z: torch.Tensor, tile: int = 512, overlap: in
                   tile=tile, overlap=overlap, device=device, dtype=dtype)
 
 
-def encode_image(model: nn.Module, x: torch.Tensor, tile: TileSpec = "auto", overlap: int | None = None
-                 ) -> torch.Tensor:
+def encode_image(model: nn.Module, x: torch.Tensor, tile: TileSpec = "auto", overlap: int | None = None,
+                 budget: MemoryBudget | None = None) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1], any H and W -> (B, c, ceil(H/f), ceil(W/f)) float32 latent of the padded image."""
     f = model.spatial_factor
     x, _ = pad_to_multiple(x, f)
-    plan = resolve_tile(tile, x.shape[-2], x.shape[-1], f, overlap)
+    plan = resolve_tile(tile, x.shape[-2], x.shape[-1], f, overlap, budget)
     if plan is not None:
         return tiled_encode(model, x, *plan)
     device, dtype = _device_dtype(model, x)
@@ -173,10 +265,10 @@ def encode_image(model: nn.Module, x: torch.Tensor, tile: TileSpec = "auto", ove
 
 
 def decode_latent(model: nn.Module, z: torch.Tensor, size: tuple[int, int] | None = None, tile: TileSpec = "auto",
-                  overlap: int | None = None) -> torch.Tensor:
+                  overlap: int | None = None, budget: MemoryBudget | None = None) -> torch.Tensor:
     """(B, c, h, w) latent -> (B, 3, H, W) float32 image, cropped to `size` (the size before padding) if given."""
     f = model.spatial_factor
-    plan = resolve_tile(tile, z.shape[-2] * f, z.shape[-1] * f, f, overlap)
+    plan = resolve_tile(tile, z.shape[-2] * f, z.shape[-1] * f, f, overlap, budget)
     if plan is not None:
         y = tiled_decode(model, z, *plan)
     else:

@@ -1,6 +1,7 @@
 """Train the embedded default model (dc-ae-tiny-f32c32) on BSDS500 train+test, within a wall-clock budget.
 
     python -m experiments.train_default --budget-min 60 --run-dir runs/default-f32c32
+    python -m experiments.train_default --budget-min 60 --resume precision=bf16 phase.optim.lr=1e-4   # continue
 
 Phase 1 only (L1 + 0.1 LPIPS) at 128px crops: on two CPU cores this is where the budget buys the most PSNR.
 The run stops at the budget with a checkpoint (SIGINT), resumable with the same command plus --resume.
@@ -26,6 +27,8 @@ def main() -> int:
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides passed to dcae train "
+                        "(on --resume they change the rest of the run, e.g. phase.optim.lr=1e-4 precision=bf16)")
     args = parser.parse_args()
 
     data = union_folder(Path("runs/data/bsds500-train+test"))
@@ -39,6 +42,7 @@ def main() -> int:
                "phase.optim.lr=1e-3", "phase.optim.warmup_steps=200", "phase.optim.weight_decay=0.01",
                "phase.lpips_weight=0.1", "ema_decay=0.999", "val_every=500", "ckpt_every=250",
                "progress=false", "log_every=25"]
+    cmd += args.overrides
     proc = subprocess.Popen([sys.executable, "-m", "dcae.cli", "train", *cmd])
     deadline = time.time() + args.budget_min * 60
     while proc.poll() is None and time.time() < deadline:

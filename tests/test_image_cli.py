@@ -163,6 +163,28 @@ def test_max_pixels_flag(tmp_path, model_dir):
         assert rc == 2 and len(error_lines(stderr, "decode")) == 1  # refused before the model is even looked up
 
 
+def test_max_memory_shrinks_tiles_or_refuses(tmp_path, model_dir):
+    """A memory budget that cannot hold an untiled pass: auto tiles shrink to fit, --tile none is refused per file."""
+    Image.fromarray(rng_image(512, 640)).save(tmp_path / "wide.png")
+    Image.fromarray(rng_image(64, 64)).save(tmp_path / "small.png")
+    # tiny f32c32: ~640 B per pixel + 0.27 GB fixed, so 0.3 GB holds ~50k pixels: a 128 px tile, not 512x640 at once
+    rc, stdout, stderr = run_cli("reconstruct", str(tmp_path / "wide.png"), "-o", str(tmp_path / "auto"),
+                                 "--model", str(model_dir), "--max-memory", "0.3")
+    assert rc == 0, stderr
+    assert Image.open(tmp_path / "auto" / "wide.png").size == (640, 512)
+    rc, stdout, stderr = run_cli("reconstruct", str(tmp_path / "wide.png"), str(tmp_path / "small.png"),
+                                 "-o", str(tmp_path / "none"), "--model", str(model_dir), "--tile", "none",
+                                 "--max-memory", "0.3")
+    assert rc == 1
+    [line] = error_lines(stderr, "reconstruct")
+    assert "wide.png: an untiled pass over 640x512 needs ~" in line and "--max-memory" in line
+    assert files_under(tmp_path / "none") == ["small.png"]  # the other file still runs
+    for command, value in (("reconstruct", "0"), ("encode", "-1"), ("decode", "nan")):
+        rc, _, stderr = run_cli(command, str(tmp_path / "small.png"), "-o", str(tmp_path / "x"),
+                                "--model", str(model_dir), "--max-memory", value)
+        assert rc == 2 and f"--max-memory {float(value)}: expected a positive number of GB" in stderr
+
+
 def test_model_resolution(tmp_path, monkeypatch):
     import dcae.weights
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,7 +16,8 @@ from torch import nn
 
 import dcae
 from dcae.errors import DCAEError
-from dcae.tiling import (config_hash, decode_latent, default_tile, encode_image, latent_metadata, pad_to_multiple,
+from dcae.tiling import (OVERHEAD_BYTES, MemoryBudget, activation_bytes_per_pixel, available_memory, config_hash,
+                         decode_latent, default_tile, encode_image, latent_metadata, memory_budget, pad_to_multiple,
                          padding_for, read_latent, resolve_tile, tile_spans, tiled_decode, tiled_encode, write_latent)
 
 
@@ -93,6 +96,68 @@ def test_resolve_tile():
         resolve_tile(256, 2048, 2048, 32, overlap=256)
     with pytest.raises(DCAEError, match="expected auto, none"):
         resolve_tile("big", 2048, 2048, 32)
+
+
+def budget_for(pixels: int, bytes_per_pixel: float = 1000.0) -> MemoryBudget:
+    """A budget that fits exactly `pixels` image pixels in one pass."""
+    return MemoryBudget(OVERHEAD_BYTES + int(pixels * bytes_per_pixel), bytes_per_pixel)
+
+
+def test_memory_budget_shrinks_auto_tiles_and_refuses_what_does_not_fit():
+    roomy = budget_for(10_000_000)
+    assert resolve_tile("auto", 1024, 1024, 32, budget=roomy) is None
+    assert resolve_tile("auto", 1056, 1024, 32, budget=roomy) == (512, 64)  # the budget changes nothing when it fits
+    assert resolve_tile("auto", 512, 512, 32, budget=budget_for(300 * 300)) == (256, 32)  # 512^2 > budget >= 256^2
+    assert resolve_tile("auto", 4096, 4096, 32, budget=budget_for(200 * 200)) == (128, 32)
+    assert resolve_tile("auto", 200, 200, 32, budget=budget_for(200 * 200)) is None  # the whole image fits
+    assert resolve_tile("auto", 4096, 4096, 64, budget=budget_for(300 * 300)) == (256, 64)  # 4 latent pixels a side
+    with pytest.raises(DCAEError, match=r"even a 128x128 tile needs ~.* GB \(estimated\), over the memory budget"):
+        resolve_tile("auto", 4096, 4096, 32, budget=budget_for(100 * 100))
+    with pytest.raises(DCAEError, match=r"an untiled pass over 2048x1024 needs ~2\.4 GB .*use --tile auto"):
+        resolve_tile("none", 1024, 2048, 32, budget=budget_for(1_000_000))
+    with pytest.raises(DCAEError, match=r"a 1024x1024 tile needs"):
+        resolve_tile(1024, 4096, 4096, 32, budget=budget_for(1_000_000))
+    assert resolve_tile(512, 4096, 4096, 32, budget=budget_for(1_000_000)) == (512, 64)
+    assert budget_for(0).max_pixels == 0 and MemoryBudget(1, 10.0).max_pixels == 0
+
+
+def test_memory_budget_from_the_device(tiny):
+    budget = memory_budget(tiny, torch.device("cpu"), max_memory_gb=2.0, ops=("decode",), batch_size=4)
+    assert budget.bytes == 500_000_000 and budget.bytes_per_pixel == activation_bytes_per_pixel(tiny, ("decode",))
+    assert activation_bytes_per_pixel(tiny, ("encode",)) < activation_bytes_per_pixel(tiny, ("encode", "decode"))
+    auto = memory_budget(tiny, torch.device("cpu"))
+    assert 0 < auto.bytes <= available_memory(torch.device("cpu"))
+    with torch.device("meta"):
+        full = dcae.create_model("dc-ae-f32c32-in-1.0")  # 128 channels at full resolution, 6 live tensors
+    assert activation_bytes_per_pixel(full, ("decode",)) == 128 * 4 * 6 + 64
+
+
+PEAK_PROBE = """
+import json, resource, sys, torch, dcae
+torch.set_num_threads(1)
+preset, op, size, precision = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+model = dcae.create_model(preset).eval()
+f, c = model.spatial_factor, model.latent_channels
+x = torch.randn(1, 3, size, size) if op == "encode" else torch.randn(1, c, size // f, size // f)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+    getattr(model, op)(x)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+@pytest.mark.parametrize("preset,op,size,precision", [("dc-ae-tiny-f32c32", "decode", 1024, "fp32"),
+                                                      ("dc-ae-tiny-f32c32", "encode", 1024, "fp32"),
+                                                      ("dc-ae-tiny-f64c128", "decode", 1024, "bf16")])
+def test_memory_estimate_bounds_the_measured_peak(preset, op, size, precision):
+    """The estimate is an upper bound of the peak RSS growth of one pass, and not a wildly loose one."""
+    result = subprocess.run([sys.executable, "-c", PEAK_PROBE, preset, op, str(size), precision],
+                            capture_output=True, text=True, timeout=300, check=True)
+    measured = int(result.stdout.strip().splitlines()[-1])
+    with torch.device("meta"):
+        model = dcae.create_model(preset)
+    estimate = OVERHEAD_BYTES + size * size * activation_bytes_per_pixel(model, (op,))
+    assert 0 < measured <= estimate <= 4 * measured, (measured, estimate)
 
 
 # --- tiled encode/decode ----------------------------------------------------------------------------------------------

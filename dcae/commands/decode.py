@@ -14,7 +14,7 @@ from dcae.commands.reconstruct import (Job, Progress, add_model_arguments, add_o
                                        one_line, plan_jobs, prepare, report_error)
 from dcae.errors import DCAEError
 from dcae.images import DEFAULT_MAX_PIXELS, from_model_range, write_image
-from dcae.tiling import decode_latent, read_latent, resolve_tile
+from dcae.tiling import MemoryBudget, decode_latent, read_latent, resolve_tile
 
 
 @dataclass
@@ -37,9 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_arguments(parser, keep_alpha=False)  # an alpha plane stored by `encode --keep-alpha` is restored
 
 
-def load_latents(jobs: list[Job], model: torch.nn.Module, args: argparse.Namespace, command: str,
-                 on_error: Callable[[Job], None]) -> Iterator[LoadedLatent]:
-    """Read and check each latent file; bad files are reported and skipped."""
+def load_latents(jobs: list[Job], model: torch.nn.Module, args: argparse.Namespace, budget: MemoryBudget,
+                 command: str, on_error: Callable[[Job], None]) -> Iterator[LoadedLatent]:
+    """Read and check each latent file and plan its tiles; bad files and latents over the budget are skipped."""
     factor = model.spatial_factor
     for job in jobs:
         try:
@@ -49,32 +49,36 @@ def load_latents(jobs: list[Job], model: torch.nn.Module, args: argparse.Namespa
             if size[0] * size[1] > args.max_pixels:
                 raise DCAEError(f"{job.source}: decodes to {size[1]}x{size[0]} = {size[0] * size[1] / 1e6:.1f} Mpx, "
                                 f"over the limit of {args.max_pixels / 1e6:.1f} Mpx (raise it with --max-pixels)")
+            try:
+                tiled = resolve_tile(args.tile, *full, factor, args.overlap, budget) is not None
+            except DCAEError as error:
+                raise DCAEError(f"{job.source}: {error}") from None
         except DCAEError as error:
             report_error(command, str(error))
             on_error(job)
             continue
-        tiled = resolve_tile(args.tile, *full, factor, args.overlap) is not None
         key = ("tiled", id(job)) if tiled else (tuple(latent.shape), size)
         yield LoadedLatent(job, latent, size, alpha, key)
 
 
 def run(args: argparse.Namespace) -> int:
     command = "decode"
-    device, model, model_id = prepare(args, command)
+    device, model, model_id, budget = prepare(args, command, ("decode",))
     jobs, failures = plan_jobs(args.inputs, args.output, "." + args.format, command, extensions=(".safetensors",))
     progress = Progress.start(len(jobs), "file")
     done = 0
     start = time.perf_counter()
 
     with torch.inference_mode():
-        latents = load_latents(jobs, model, args, command, progress.fail)
+        latents = load_latents(jobs, model, args, budget, command, progress.fail)
         for batch in batches(latents, lambda item: item.key, args.batch_size):
             try:
                 z = torch.cat([item.latent for item in batch])  # (B, c, h, w)
                 if batch[0].key[0] != "tiled":
                     z = z.to(device)
                 with autocast(device, args.dtype):
-                    y = decode_latent(model, z, size=batch[0].size, tile=args.tile, overlap=args.overlap)
+                    y = decode_latent(model, z, size=batch[0].size, tile=args.tile, overlap=args.overlap,
+                                      budget=budget)
                 if not torch.isfinite(y).all():
                     raise DCAEError("the decoded image has NaN/Inf values (fp16 overflow? try --dtype bf16 or fp32)")
                 images = from_model_range(y).cpu()  # (B, 3, H, W) uint8

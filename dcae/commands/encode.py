@@ -27,24 +27,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     command = "encode"
-    device, model, model_id = prepare(args, command)
+    device, model, model_id, budget = prepare(args, command, ("encode",))
     factor = model.spatial_factor
     jobs, failures = plan_jobs(args.inputs, args.output, ".safetensors", command)
     progress = Progress.start(len(jobs), "img")
     done = 0
     start = time.perf_counter()
 
-    loaded = load_images(jobs, factor, args.tile, args.overlap, args.max_pixels, command, progress.fail)
+    loaded = load_images(jobs, factor, args, budget, command, progress.fail)
     with torch.inference_mode():
         for batch in batches(loaded, lambda item: item.key, args.batch_size):
             height, width = batch[0].rgb.shape[-2:]
             try:
                 x = to_model_range(torch.stack([item.rgb for item in batch]))  # (B, 3, H, W)
                 pad_h, pad_w = padding_for(height, width, factor)
-                if resolve_tile(args.tile, height + pad_h, width + pad_w, factor, args.overlap) is None:
+                if resolve_tile(args.tile, height + pad_h, width + pad_w, factor, args.overlap, budget) is None:
                     x = x.to(device)
                 with autocast(device, args.dtype):
-                    z = encode_image(model, x, tile=args.tile, overlap=args.overlap).cpu()  # (B, c, h, w)
+                    z = encode_image(model, x, tile=args.tile, overlap=args.overlap, budget=budget).cpu()  # (B,c,h,w)
                 if not torch.isfinite(z).all():
                     raise DCAEError("the latent has NaN/Inf values (fp16 overflow? try --dtype bf16 or fp32)")
             except (DCAEError, RuntimeError, MemoryError, ValueError) as error:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from dcae.errors import DCAEError
 from dcae.images import (DEFAULT_MAX_PIXELS, find_images, from_model_range, read_image_with_alpha, to_model_range,
                          write_image)
-from dcae.tiling import decode_latent, encode_image, padding_for, resolve_tile
+from dcae.tiling import MemoryBudget, decode_latent, encode_image, memory_budget, padding_for, resolve_tile
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROGRESS_ABOVE = 3  # a progress bar for more than this many files
@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 # --- options shared by reconstruct / encode / decode --------------------------------------------------------------
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model, --device, --dtype, --tile, --overlap, --batch-size."""
+    """--model, --device, --dtype, --tile, --overlap, --max-memory, --batch-size."""
     parser.add_argument("--model", metavar="M", default=None,
                         help="directory written by save_pretrained, a checkpoint file, a Hub id, or a preset name "
                              "(random weights); default: the model shipped with dcae")
@@ -44,6 +44,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tile side in pixels (a multiple of the spatial factor); auto tiles images over 1 Mpx")
     parser.add_argument("--overlap", type=int, default=None, metavar="PX",
                         help="pixels shared by neighbouring tiles (multiple of the spatial factor; default tile/8)")
+    parser.add_argument("--max-memory", type=float, default=None, metavar="GB",
+                        help="memory one pass may use: auto tiles shrink to fit it, and an untiled pass or tile "
+                             "that would not fit is refused (default: 80%% of the device's free memory)")
     parser.add_argument("--batch-size", type=int, default=1, metavar="N",
                         help="images of the same size run together (default: 1)")
 
@@ -78,6 +81,8 @@ def check_options(args: argparse.Namespace) -> None:
     """Refuse bad numeric options before the model is loaded or any file touched (exit status 2)."""
     if args.batch_size < 1 or args.max_pixels < 1:
         raise DCAEError("--batch-size and --max-pixels must be positive")
+    if args.max_memory is not None and not (0 < args.max_memory < math.inf):
+        raise DCAEError(f"--max-memory {args.max_memory}: expected a positive number of GB")
     if not 1 <= getattr(args, "quality", 95) <= 100:
         raise DCAEError(f"--quality {args.quality}: expected 1 to 100")
 
@@ -201,13 +206,15 @@ def plan_jobs(inputs: list[str], outdir: str, suffix: str, command: str,
     return jobs, failures
 
 
-def prepare(args: argparse.Namespace, command: str) -> tuple[torch.device, torch.nn.Module, str]:
-    """Check the options, pick the device and load the model: the start every image command shares."""
+def prepare(args: argparse.Namespace, command: str, ops: tuple[str, ...]
+            ) -> tuple[torch.device, torch.nn.Module, str, MemoryBudget]:
+    """Check the options, pick the device, load the model and set the memory budget of one image of a batch
+    for `ops` ("encode", "decode"): the start every image command shares."""
     check_options(args)
     device = select_device(args.device)
     model, model_id = load_model(args.model, device, command)
     check_tile_options(args, model.spatial_factor)
-    return device, model, model_id
+    return device, model, model_id, memory_budget(model, device, args.max_memory, ops, args.batch_size)
 
 
 @dataclass
@@ -252,19 +259,22 @@ class Loaded:
     key: Hashable  # images with equal keys may share a batch
 
 
-def load_images(jobs: list[Job], factor: int, tile: str, overlap: int | None, max_pixels: int, command: str,
+def load_images(jobs: list[Job], factor: int, args: argparse.Namespace, budget: MemoryBudget, command: str,
                 on_error: Callable[[Job], None]) -> Iterator[Loaded]:
-    """Read each job's image; unreadable files are reported and skipped."""
+    """Read each job's image and plan its tiles; unreadable files and images over the budget are reported, skipped."""
     for job in jobs:
         try:
-            rgb, alpha = read_image_with_alpha(job.source, max_pixels=max_pixels)
+            rgb, alpha = read_image_with_alpha(job.source, max_pixels=args.max_pixels)
+            height, width = rgb.shape[-2:]
+            pad_h, pad_w = padding_for(height, width, factor)
+            try:
+                tiled = resolve_tile(args.tile, height + pad_h, width + pad_w, factor, args.overlap, budget) is not None
+            except DCAEError as error:
+                raise DCAEError(f"{job.source}: {error}") from None
         except DCAEError as error:
             report_error(command, str(error))
             on_error(job)
             continue
-        height, width = rgb.shape[-2:]
-        pad_h, pad_w = padding_for(height, width, factor)
-        tiled = resolve_tile(tile, height + pad_h, width + pad_w, factor, overlap) is not None
         key = ("tiled", id(job)) if tiled else (height, width)  # tiled images run alone
         yield Loaded(job, rgb, alpha, key)
 
@@ -280,18 +290,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_arguments(parser)
 
 
-def reconstruct(model: torch.nn.Module, rgb: torch.Tensor, device: torch.device, tile: str, overlap: int | None
-                ) -> tuple[torch.Tensor, tuple[int, ...]]:
+def reconstruct(model: torch.nn.Module, rgb: torch.Tensor, device: torch.device, tile: str, overlap: int | None,
+                budget: MemoryBudget | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
     """(B, 3, H, W) uint8 -> ((B, 3, H, W) uint8 reconstruction, latent shape (c, h, w)); call under inference_mode."""
     height, width = rgb.shape[-2:]
     x = to_model_range(rgb)
     if resolve_tile(tile, *(s + p for s, p in zip((height, width), padding_for(height, width, model.spatial_factor))),
-                    model.spatial_factor, overlap) is None:
+                    model.spatial_factor, overlap, budget) is None:
         x = x.to(device)  # whole image on the device; tiled runs move one tile at a time
-    z = encode_image(model, x, tile=tile, overlap=overlap)  # (B, c, h, w)
+    z = encode_image(model, x, tile=tile, overlap=overlap, budget=budget)  # (B, c, h, w)
     if not torch.isfinite(z).all():
         raise DCAEError("the latent has NaN/Inf values (fp16 overflow? try --dtype bf16 or fp32)")
-    y = decode_latent(model, z, size=(height, width), tile=tile, overlap=overlap)  # (B, 3, H, W)
+    y = decode_latent(model, z, size=(height, width), tile=tile, overlap=overlap, budget=budget)  # (B, 3, H, W)
     if not torch.isfinite(y).all():
         raise DCAEError("the decoded image has NaN/Inf values (fp16 overflow? try --dtype bf16 or fp32)")
     return from_model_range(y).cpu(), tuple(z.shape[1:])
@@ -322,7 +332,7 @@ def _output_image(rgb: torch.Tensor, out: torch.Tensor, alpha: torch.Tensor | No
 
 def run(args: argparse.Namespace) -> int:
     command = "reconstruct"
-    device, model, model_id = prepare(args, command)
+    device, model, model_id, budget = prepare(args, command, ("encode", "decode"))
     factor, channels = model.spatial_factor, model.latent_channels
     jobs, failures = plan_jobs(args.inputs, args.output, "." + args.format, command)
     progress = Progress.start(len(jobs), "img")
@@ -332,14 +342,14 @@ def run(args: argparse.Namespace) -> int:
     pixels = latent_values = 0
     start = time.perf_counter()
 
-    loaded = load_images(jobs, factor, args.tile, args.overlap, args.max_pixels, command, progress.fail)
+    loaded = load_images(jobs, factor, args, budget, command, progress.fail)
     with torch.inference_mode():
         for batch in batches(loaded, lambda item: item.key, args.batch_size):
             rgb = torch.stack([item.rgb for item in batch])
             try:
                 with autocast(device, args.dtype), warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # e.g. autocast dtype notes, once per batch
-                    out, latent_shape = reconstruct(model, rgb, device, args.tile, args.overlap)
+                    out, latent_shape = reconstruct(model, rgb, device, args.tile, args.overlap, budget)
                 batch_psnr, batch_ssim = image_metrics(rgb, out)
             except (DCAEError, RuntimeError, MemoryError, ValueError) as error:
                 for item in batch:
