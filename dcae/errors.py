@@ -1,5 +1,23 @@
 """User-facing errors: one line that names the file and the problem, printed by the CLI without a traceback."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
 
 
 class DCAEError(Exception):
     """An error caused by the user's input (a file, a value, a checkpoint), not by a bug in dcae."""
+
+
+def write_failure(error: BaseException, folder: Path) -> str:
+    """A short reason for a failed write: the OS error, or free space when the library's own error has no errno
+    (torch.save reports a full disk as `RuntimeError: unexpected pos`, safetensors as its own error type)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return first
+    return f"No space left on device ({free / 2**20:.1f} MB free)" if free < 64 * 2**20 else first

@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
 from dcae.data import DataConfig, TrainStream, load_validation_images
-from dcae.errors import DCAEError
+from dcae.errors import DCAEError, write_failure
 from dcae.losses import GANConfig, GANLoss, ReconstructionLoss
 
 CHECKPOINT_SLEEP_ENV = "DCAE_TEST_CHECKPOINT_SLEEP"  # test hook: seconds to sleep between writing and renaming
@@ -389,12 +389,16 @@ def _fsync_tree(path: Path) -> None:
 def _replace_with_link(source: Path, target: Path) -> None:
     """Atomically make `target` hold `source`'s bytes (hard link if possible, else a copy), via a temp name."""
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.unlink(missing_ok=True)
     try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise DCAEError(f"{target}: cannot write: {write_failure(error, target.parent)}") from None
 
 
 def write_checkpoint_dir(run_dir: Path, step: int, write_files: Callable[[Path], None]) -> Path:
@@ -404,18 +408,24 @@ def write_checkpoint_dir(run_dir: Path, step: int, write_files: Callable[[Path],
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
     final, tmp = root / name, root / f".tmp_{name}"
-    if not (final / "state.pt").is_file():
+    try:
+        if not (final / "state.pt").is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            write_files(tmp)
+            _fsync_tree(tmp)
+            if os.environ.get(CHECKPOINT_SLEEP_ENV):  # test hook: a SIGKILL landing here must not break the run
+                time.sleep(float(os.environ[CHECKPOINT_SLEEP_ENV]))
+            shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same step (no state.pt)
+            os.rename(tmp, final)
+        pointer_tmp = root / ".latest.tmp"
+        pointer_tmp.write_text(name + "\n")
+        os.replace(pointer_tmp, root / "latest")
+    except Exception as error:  # full disk, read-only or vanished folder; torch.save reports ENOSPC as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        write_files(tmp)
-        _fsync_tree(tmp)
-        if os.environ.get(CHECKPOINT_SLEEP_ENV):  # test hook: a SIGKILL landing here must not break the run
-            time.sleep(float(os.environ[CHECKPOINT_SLEEP_ENV]))
-        shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same step (no state.pt)
-        os.rename(tmp, final)
-    pointer_tmp = root / ".latest.tmp"
-    pointer_tmp.write_text(name + "\n")
-    os.replace(pointer_tmp, root / "latest")
+        (root / ".latest.tmp").unlink(missing_ok=True)
+        raise DCAEError(f"{run_dir}: cannot write checkpoint {name}: {write_failure(error, root)}; "
+                        f"the previous checkpoint is kept") from None
     return final
 
 

@@ -27,6 +27,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -388,6 +389,92 @@ def test_read_only_run_dir_gives_one_error_line_and_keeps_the_checkpoint(micro_r
     assert _snapshot(micro_run) == before  # nothing lost
     assert result.returncode not in (0, 1) and "Traceback" not in result.stderr, result.stderr
     assert_one_error_line(result.stderr, "train")
+
+
+def run_on_full_disk(tmp_path: Path, script: str, size_kb: int = 1024) -> str:
+    """Run shell `script` with $FULL a fresh tmpfs of `size_kb` KB (a user+mount namespace: no root needed).
+
+    The script fills the tmpfs itself (`fill`: a filler file takes what is left) after copying in what it needs;
+    the namespace, and the tmpfs with it, ends with the script, so the script reports what it saw on stdout.
+    """
+    unshare = shutil.which("unshare")
+    full = tmp_path / "full"
+    full.mkdir()
+    probe = subprocess.run([unshare or "unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {full}"],
+                           capture_output=True, text=True) if unshare else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip("no user namespaces here: cannot mount a small tmpfs to fill")
+    prelude = (f"set -u; FULL={full}; mount -t tmpfs -o size={size_kb}k tmpfs $FULL; "
+               "fill() { dd if=/dev/zero of=$FULL/filler bs=4k 2>/dev/null; true; }; ")
+    result = subprocess.run([unshare, "-rm", "sh", "-c", prelude + script], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    return result.stdout + result.stderr
+
+
+def test_full_disk_gives_one_error_line_and_keeps_the_checkpoint(micro_run, tmp_path):
+    """The next checkpoint cannot be written: one error line, exit 2, the previous checkpoint intact and loadable."""
+    before = _snapshot(micro_run)
+    check = ("import json, sys; sys.path.insert(0, 'tests'); from test_hostile import _snapshot; import dcae; "
+             "run = sys.argv[1]; dcae.DCAE.from_pretrained(run); "
+             "print(json.dumps({k: v.hex() for k, v in _snapshot(__import__('pathlib').Path(run)).items()}))")
+    output = run_on_full_disk(tmp_path, f"""
+        cp -a {micro_run} $FULL/run && fill
+        {sys.executable} -m dcae.cli train --resume $FULL/run --steps 3 2> {tmp_path}/stderr
+        echo "status=$?"
+        ls -A $FULL/run/checkpoints | sed 's/^/entry=/'
+        {sys.executable} -c "{check}" $FULL/run""")
+    stderr = (tmp_path / "stderr").read_text()
+    assert "status=2" in output, output + stderr
+    assert_one_error_line(stderr, "train")
+    assert "cannot write checkpoint step_00000002: No space left on device" in stderr
+    assert "the previous checkpoint is kept" in stderr
+    assert sorted(line[6:] for line in output.splitlines() if line.startswith("entry=")) == \
+        ["latest", "step_00000001"]  # no temp directory left behind
+    snapshot = json.loads(output.strip().splitlines()[-1])
+    assert {k: bytes.fromhex(v) for k, v in snapshot.items()} == before
+
+
+def test_full_disk_while_writing_images_loses_nothing(tmp_path):
+    """Reconstructions onto a full disk: one error line per image, no partial or temporary file, exit status 1."""
+    from PIL import Image
+
+    images = tmp_path / "in"
+    images.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.full((64, 96, 3), 128, np.uint8)).save(images / name)
+    model = tmp_path / "model"
+    dcae.create_model("dc-ae-tiny-f32c32").save_pretrained(model)
+    output = run_on_full_disk(tmp_path, f"""
+        mkdir $FULL/out && fill
+        {sys.executable} -m dcae.cli reconstruct {images} -o $FULL/out --model {model} 2> {tmp_path}/stderr
+        echo "status=$?"
+        ls -A $FULL/out | sed 's/^/entry=/'""", size_kb=64)
+    stderr = (tmp_path / "stderr").read_text()
+    assert "status=1" in output, output + stderr
+    lines = [line for line in stderr.splitlines() if line.strip() and "warning" not in line]
+    assert len(lines) == 2 and all("cannot write: No space left on device" in line for line in lines), stderr
+    assert "entry=" not in output  # neither a partial output nor a temporary file
+
+
+def test_full_disk_while_caching_latents_loses_nothing(tmp_path):
+    """`dcae cache-latents` onto a full disk: one error line, exit 2, no temporary file left behind."""
+    from PIL import Image
+
+    (tmp_path / "data" / "x").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((40, 36, 3), 60 * i, np.uint8)).save(tmp_path / "data" / "x" / f"{i}.png")
+    output = run_on_full_disk(tmp_path, f"""
+        mkdir $FULL/cache && fill
+        {sys.executable} -m dcae.cli cache-latents --model dc-ae-tiny-f32c32 --data {tmp_path / 'data'} \
+            -o $FULL/cache --resolution 32 --device cpu 2> {tmp_path}/stderr
+        echo "status=$?"
+        ls -A $FULL/cache | sed 's/^/entry=/'""", size_kb=64)
+    stderr = (tmp_path / "stderr").read_text()
+    assert "status=2" in output, output + stderr
+    [line] = [line for line in stderr.splitlines() if "error" in line]  # the rest: a warning and the progress bar
+    assert line.startswith("dcae cache-latents: error: ") and "Traceback" not in stderr
+    assert "index.json: cannot write: No space left on device" in line
+    assert "entry=" not in output
 
 
 def test_hostile_state_pt_never_runs_code(micro_run):

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dcae.errors import DCAEError
+from dcae.errors import DCAEError, write_failure
 from dcae.images import find_images, read_image, to_model_range
 from dcae.metrics import adm_center_crop
 
@@ -66,10 +66,19 @@ def autoencoder_config_hash(autoencoder: torch.nn.Module) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` then rename onto `path`; a failure (full disk, read-only folder) removes tmp, raises DCAEError."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except Exception as error:
+        tmp.unlink(missing_ok=True)
+        raise DCAEError(f"{path}: cannot write: {write_failure(error, path.parent)}") from None
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def shard_name(k: int) -> str:
@@ -176,9 +185,8 @@ def cache_latents(autoencoder: torch.nn.Module, index: dict[str, Any], out: str 
                    "indices": torch.arange(start, stop, dtype=torch.int64)}
         if flipped is not None:
             tensors["latents_flip"] = flipped.contiguous()
-        tmp = out / f".{shard['file']}.tmp-{os.getpid()}"
-        save_file(tensors, tmp, metadata={"shard": str(k), "autoencoder_config_hash": index["autoencoder_config_hash"]})
-        os.replace(tmp, out / shard["file"])
+        metadata = {"shard": str(k), "autoencoder_config_hash": index["autoencoder_config_hash"]}
+        atomic_write(out / shard["file"], lambda tmp: save_file(tensors, tmp, metadata=metadata))
         written.append(k)
         if progress is not None:
             progress(shard["count"])
