@@ -49,6 +49,7 @@ KNOWN_BUG_AREA = {
     "PIPE_IN_SAVED_CONFIG": "training",
     "TRAIN_CONFIG_RANGES": "training",
     "FULL_DISK_CHECKPOINT": "training",
+    "CACHE_INDEX_UNCHECKED": "latent caches",
 }
 
 
@@ -77,6 +78,8 @@ FIXED_BUGS = {
              "tests": ["tests/test_hostile.py::test_resume_does_not_run_a_pipe_command_from_a_saved_config"]},
     "TRAIN_CONFIG_RANGES": {"reason": "train.check_config lets through values that fail later with tracebacks or huge allocations (fixed)",
              "tests": ["tests/test_hostile.py::test_train_config_ranges"]},
+    "CACHE_INDEX_UNCHECKED": {"reason": "diffusion.latents.load_latent_cache trusts index.json and the shards: a non-object index, a missing key, a shard name like '/etc/passwd', a truncated shard, a missing tensor or mismatched shapes end in AttributeError/KeyError/SafetensorError/RuntimeError tracebacks (fixed)",
+             "tests": ["tests/test_fuzz.py::test_fuzz_latent_caches", "tests/test_fuzz.py::test_cache_index_cannot_point_outside_its_folder"]},
     "FULL_DISK_CHECKPOINT": {"reason": "train.write_checkpoint_dir on a full disk: torch.save's RuntimeError ('unexpected pos') escapes as a traceback and the half-written .tmp_step directory stays (fixed)",
              "tests": ["tests/test_hostile.py::test_full_disk_gives_one_error_line_and_keeps_the_checkpoint"]},
     "TAR_MEMBER_SIZE": {"reason": "data._shard_samples reads a whole tar member into memory whatever its declared size (a gzip-compressed shard inflates without bound) (fixed)",
@@ -106,6 +109,8 @@ def parsers(tf: ModuleType) -> dict[str, tuple[Any, Callable[[Any], None], str]]
         "configs": (tf.config_inputs(), lambda case: tf.check_config(*case),
                     "`DCAE.from_pretrained` (dcae config in metadata or config.json, diffusers config.json)"),
         "tar shards": (tf.shard_inputs(), tf.check_shard, "`dcae.data.TrainStream` over one .tar shard"),
+        "latent caches": (tf.cache_inputs(), lambda case: tf.check_cache(*case),
+                          "`dcae.diffusion.latents.load_latent_cache` (index.json and shards)"),
         "cli values": (tf.cli_inputs(), tf.check_cli, "`dcae.cli.main` (encode, decode, reconstruct, train)"),
     }
 

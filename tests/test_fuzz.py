@@ -456,6 +456,88 @@ def test_fuzz_latent_files(data):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Latent caches written by `dcae cache-latents`, read by `dcae train-diffusion` (dcae.diffusion.latents)
+class CacheModel(torch.nn.Module):
+    """A stand-in autoencoder for the cache: the 4x4 average of the image."""
+
+    spatial_factor, latent_channels = 4, 3
+
+    def config_dict(self) -> dict:
+        return {"name": "fuzz-cache-stub"}
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool2d(x, 4)
+
+
+@cache
+def cache_seed() -> tuple[dict, dict[str, bytes]]:
+    """(index, {shard file name: bytes}) of a 5-image, 2-class, flipped cache in shards of 2."""
+    from PIL import Image
+
+    from dcae.diffusion.latents import cache_latents, list_labeled_images, plan_cache
+
+    root = Path(_WORKDIR.name) / "cache-seed"
+    for i in range(5):
+        folder = root / "images" / ("cat" if i < 3 else "dog")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    files, labels, names = list_labeled_images([root / "images"])
+    index = plan_cache(files, labels, names, CacheModel(), resolution=8, flip=True, dtype="float16", shard_size=2,
+                       autoencoder_source="stub")
+    cache_latents(CacheModel(), index, root / "cache")
+    return index, {p.name: p.read_bytes() for p in sorted((root / "cache").glob("shard-*.safetensors"))}
+
+
+@st.composite
+def cache_inputs(draw) -> tuple[Any, dict[str, bytes]]:
+    """(index as parsed JSON, shard files): the index's values mutated, or one shard's bytes, or both."""
+    index, shards = cache_seed()
+    index, shards = _json_safe(index), dict(shards)
+    what = draw(st.sampled_from(["index", "shard", "both"]))
+    if what in ("index", "both"):
+        index = _json_safe(draw(config_mutations(index)))
+    if what in ("shard", "both"):
+        name = draw(st.sampled_from(sorted(shards)))
+        shards[name] = draw(safetensors_inputs(shards[name]))
+    return index, shards
+
+
+def check_cache(index: Any, shards: dict[str, bytes]) -> None:
+    from dcae.diffusion.latents import load_latent_cache
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "index.json").write_text(json.dumps(index))
+        for name, data in shards.items():
+            (Path(tmp) / name).write_bytes(data)
+        cache = expect_clean(lambda: load_latent_cache(tmp), max_growth=256 << 20)
+    if cache is None:
+        return
+    n = cache.index["count"] * (2 if cache.index["flip"] else 1)
+    assert cache.latents.dtype == torch.float32 and list(cache.latents.shape) == [n, *cache.index["latent_shape"]]
+    assert torch.isfinite(cache.latents).all()
+    assert cache.labels.shape == (n,) and bool(((cache.labels >= 0) & (cache.labels < max(1, cache.index["num_classes"]))).all())
+
+
+@FUZZ
+@given(cache_inputs())
+def test_fuzz_latent_caches(case):
+    check_cache(*case)
+
+
+def test_cache_index_cannot_point_outside_its_folder(tmp_path):
+    """A shard named '../x' or '/etc/passwd' in index.json is refused: shard names are fixed."""
+    from dcae.diffusion.latents import load_latent_cache
+
+    index, shards = cache_seed()
+    for name in ("../shard-00000.safetensors", "/etc/passwd"):
+        bad = _json_safe(index)
+        bad["shards"][0]["file"] = name
+        (tmp_path / "index.json").write_text(json.dumps(bad))
+        with pytest.raises(DCAEError, match="shard 0 must be named shard-00000.safetensors"):
+            load_latent_cache(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints and configs: from_pretrained on mutated safetensors, random dcae configs, diffusers config.json
 def micro_config() -> DCAEConfig:
     """A 33k-parameter DCAE (f4c4) with every block kind: building and loading it takes milliseconds."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,17 +117,73 @@ def plan_cache(files: list[Path], labels: list[int], class_names: list[str], aut
     }
 
 
+MAX_INDEX_BYTES = 256 * 2**20  # an index lists every file: 1M files fit; a bigger "index" is not one
+
+
 def read_index(directory: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate `directory/index.json` -> the index; anything malformed is a one-line DCAEError."""
     path = Path(directory) / INDEX_NAME
     try:
+        if path.stat().st_size > MAX_INDEX_BYTES:
+            raise DCAEError(f"{path}: {path.stat().st_size} bytes, larger than any cache index")
         index = json.loads(path.read_text())
     except FileNotFoundError:
         raise DCAEError(f"{path}: no latent cache index here (write one with `dcae cache-latents`)") from None
-    except (OSError, json.JSONDecodeError) as error:
-        raise DCAEError(f"{path}: cannot read the cache index: {error}") from None
-    if index.get("format") != CACHE_FORMAT:
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: bad JSON or bad UTF-8
+        raise DCAEError(f"{path}: cannot read the cache index: {str(error).splitlines()[0]}") from None
+    if not isinstance(index, dict) or index.get("format") != CACHE_FORMAT:
         raise DCAEError(f"{path}: not a dcae latent cache index")
+    problem = _index_problem(index)
+    if problem:
+        raise DCAEError(f"{path}: bad cache index: {problem}")
     return index
+
+
+def _is_int(value: Any, low: int = 0, high: int = 2**62) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _index_problem(index: dict[str, Any]) -> str | None:
+    """What is wrong with a parsed index (types, ranges, shard names, counts), or None."""
+    shape = index.get("latent_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(v, 1, 2**20) for v in shape)):
+        return "latent_shape must be three positive integers"
+    if not _is_int(index.get("count")) or not _is_int(index.get("shard_size"), 1):
+        return "count and shard_size must be non-negative integers (shard_size positive)"
+    if index.get("dtype") not in STORAGE_DTYPES or not isinstance(index.get("flip"), bool):
+        return f"dtype must be one of {', '.join(STORAGE_DTYPES)} and flip a boolean"
+    if not _is_int(index.get("resolution"), 1, 2**20):
+        return "resolution must be a positive integer"
+    names = index.get("class_names")
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)) or \
+            index.get("num_classes") != len(names):
+        return "class_names must be a list of strings and num_classes its length"
+    labels = index.get("labels")
+    if not (isinstance(labels, list) and len(labels) == index["count"]
+            and all(_is_int(v, 0, max(len(names) - 1, 0)) for v in labels)):
+        return "labels must hold one class number in [0, num_classes) per image"
+    files = index.get("files")
+    if not (isinstance(files, list) and len(files) == index["count"] and all(isinstance(f, str) for f in files)):
+        return "files must list one path per image"
+    shards = index.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(sh, dict) for sh in shards):
+        return "shards must be a list of {file, count}"
+    for k, shard in enumerate(shards):
+        if shard.get("file") != shard_name(k):  # names are fixed: an index cannot point outside its folder
+            return f"shard {k} must be named {shard_name(k)}, not {str(shard.get('file'))[:80]!r}"
+        expected = min(index["shard_size"], index["count"] - k * index["shard_size"])
+        if shard.get("count") != expected or expected <= 0:
+            return f"shard {k} must hold {max(expected, 0)} images (count {index['count']}, shard_size " \
+                   f"{index['shard_size']})"
+    if sum(sh["count"] for sh in shards) != index["count"]:
+        return f"the shards hold {sum(sh['count'] for sh in shards)} images, count says {index['count']}"
+    scale = index.get("scaling_factor")
+    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                                  and 0 < scale < float("inf")):
+        return "scaling_factor must be a positive number or null"
+    if not isinstance(index.get("autoencoder_config_hash"), str):
+        return "autoencoder_config_hash must be a string"
+    return None
 
 
 def write_or_check_index(directory: Path, index: dict[str, Any], write: bool) -> None:
@@ -202,31 +259,79 @@ class LatentCache:
     labels: torch.Tensor
 
 
-def load_latent_cache(directory: str | os.PathLike, use_flip: bool = True) -> LatentCache:
-    """Read every shard of a complete cache (flipped copies appended after the originals if use_flip)."""
+def load_latent_cache(directory: str | os.PathLike, use_flip: bool = True, max_bytes: int | None = None
+                      ) -> LatentCache:
+    """Read every shard of a complete cache (flipped copies appended after the originals if use_flip).
+
+    Every shard's names, dtypes and shapes are checked against the index from the safetensors header before a tensor
+    is read, the total is bounded by `max_bytes` (default: 80% of the free memory) before anything is read, and the
+    values are checked (finite latents, labels equal to the index's).
+    """
     directory = Path(directory)
     index = read_index(directory)
-    missing = [s["file"] for s in index["shards"] if not (directory / s["file"]).exists()]
+    shards = index["shards"]
+    missing = [s["file"] for s in shards if not (directory / s["file"]).is_file()]
     if missing:
-        raise DCAEError(f"{directory}: cache incomplete, {len(missing)} of {len(index['shards'])} shards missing "
+        raise DCAEError(f"{directory}: cache incomplete, {len(missing)} of {len(shards)} shards missing "
                         f"(first {missing[0]}); run the same `dcae cache-latents` command again to finish it")
+    copies = 2 if use_flip and index["flip"] else 1
+    need = index["count"] * copies * 4 * math.prod(index["latent_shape"])  # float32 in memory
+    if max_bytes is None:
+        from dcae.tiling import available_memory
+
+        max_bytes = int(0.8 * available_memory(torch.device("cpu")))
+    if need > max_bytes:
+        raise DCAEError(f"{directory}: the cache needs {need / 1e9:.1f} GB in memory, over the limit of "
+                        f"{max_bytes / 1e9:.1f} GB")
     latents, flipped, labels = [], [], []
-    for shard in index["shards"]:
-        path = directory / shard["file"]
-        with safe_open(str(path), framework="pt") as f:
-            if f.metadata().get("autoencoder_config_hash") != index["autoencoder_config_hash"]:
-                raise DCAEError(f"{path}: shard was written by another autoencoder than {INDEX_NAME} names")
-            latents.append(f.get_tensor("latents").float())
-            labels.append(f.get_tensor("labels"))
-            if use_flip and index["flip"]:
-                flipped.append(f.get_tensor("latents_flip").float())
-    latents_t, labels_t = torch.cat(latents), torch.cat(labels)
+    all_labels = torch.tensor(index["labels"], dtype=torch.int64)
+    for k, shard in enumerate(shards):
+        start, n = k * index["shard_size"], shard["count"]
+        tensors = _read_shard(directory / shard["file"], index, n, want_flip=copies == 2)
+        if not torch.equal(tensors["labels"], all_labels[start:start + n]):
+            raise DCAEError(f"{directory / shard['file']}: labels differ from {INDEX_NAME}")
+        latents.append(tensors["latents"])
+        labels.append(tensors["labels"])
+        if copies == 2:
+            flipped.append(tensors["latents_flip"])
+    latents_t = torch.cat(latents) if latents else torch.zeros(0, *index["latent_shape"])
+    labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
     if flipped:
         latents_t, labels_t = torch.cat([latents_t, torch.cat(flipped)]), torch.cat([labels_t, labels_t])
-    if list(latents_t.shape[1:]) != index["latent_shape"]:
-        raise DCAEError(f"{directory}: shards hold latents of shape {list(latents_t.shape[1:])}, "
-                        f"the index says {index['latent_shape']}")
     return LatentCache(index=index, latents=latents_t, labels=labels_t)
+
+
+def _read_shard(path: Path, index: dict[str, Any], n: int, want_flip: bool) -> dict[str, torch.Tensor]:
+    """One shard's tensors, checked from the header (names, dtypes, shapes) before reading and for values after."""
+    shape = [n, *index["latent_shape"]]
+    wanted = {"latents": shape, "labels": [n]} | ({"latents_flip": shape} if want_flip else {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if (f.metadata() or {}).get("autoencoder_config_hash") != index["autoencoder_config_hash"]:
+                raise DCAEError(f"{path}: shard was written by another autoencoder than {INDEX_NAME} names")
+            for name, want in wanted.items():
+                if name not in f.keys():
+                    raise DCAEError(f"{path}: no {name!r} tensor")
+                piece = f.get_slice(name)
+                dtype, got = piece.get_dtype(), list(piece.get_shape())
+                floating = dtype in ("F32", "F16", "BF16")
+                if got != want or (floating if name == "labels" else not floating):
+                    raise DCAEError(f"{path}: {name} is {dtype} {got}, expected "
+                                    f"{'I64' if name == 'labels' else 'a float'} {want}")
+            tensors = {name: f.get_tensor(name) for name in wanted}
+    except DCAEError:
+        raise
+    except Exception as error:  # safetensors' own errors (bad header, truncated data), OSError
+        text = str(error).strip()
+        raise DCAEError(f"{path}: cannot read the shard: {text.splitlines()[0] if text else type(error).__name__}") \
+            from None
+    for name in ("latents", "latents_flip"):
+        if name in tensors:
+            tensors[name] = tensors[name].float()
+            if not torch.isfinite(tensors[name]).all():
+                raise DCAEError(f"{path}: {name} has NaN/Inf values")
+    tensors["labels"] = tensors["labels"].to(torch.int64)
+    return tensors
 
 
 def estimate_scaling_factor(latents: torch.Tensor) -> float:
