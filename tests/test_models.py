@@ -130,3 +130,25 @@ def test_config_roundtrip_and_unknown_keys():
     d["encoder"]["widht_list"] = [1]
     with pytest.raises(ValueError, match="unknown keys"):
         dcae.DCAEConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("dtype,scale,tol", [(torch.float32, 1.0, 1e-6), (torch.bfloat16, 30.0, 2 ** -4),
+                                             (torch.float16, 3000.0, 2 ** -7)])
+def test_rms_norm_fused_channels_last_path_matches_the_plain_one(dtype, scale, tol):
+    """NHWC inputs take torch's fused rms_norm; NCHW the explicit fp32 form: same values, no fp16 overflow."""
+    from dcae.nn import RMSNorm2d
+
+    torch.manual_seed(0)
+    norm = RMSNorm2d(96)
+    norm.weight.data.normal_()
+    norm.bias.data.normal_()
+    x = (torch.randn(2, 96, 7, 5) * scale).to(dtype)
+    plain = norm(x)
+    fused = norm(x.contiguous(memory_format=torch.channels_last))
+    assert fused.dtype == dtype and fused.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isfinite(fused).all()
+    assert (fused.float() - plain.float()).abs().max() <= tol * plain.float().abs().max()
+    x32 = torch.randn(2, 96, 7, 5, requires_grad=True)
+    grads = [torch.autograd.grad(norm(v).square().sum(), x32)[0]
+             for v in (x32, x32.contiguous(memory_format=torch.channels_last))]
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
