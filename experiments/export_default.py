@@ -18,60 +18,89 @@ from dcae.autoencoder import DCAE
 from dcae.weights import DEFAULT_MODEL_DIR, save_pretrained
 
 
+def segments(run: Path) -> list[dict]:
+    """One entry per start or resume of the trainer in a run's log: step range, precision, lr, images/s."""
+    events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
+    out: list[dict] = []
+    for event in events:
+        if event.get("event") in ("start", "resume"):
+            out.append({"from": event["step"], "to": event["step"], "precision": event["precision"], "lr": None,
+                        "rates": []})
+        elif "loss" in event and out:
+            seg = out[-1]
+            seg["to"] = event["step"]
+            seg["lr"] = event["lr"]  # the segment's last: after any warm-up, constant
+            seg["rates"].append(event["images_per_s"])
+        elif event.get("event") == "checkpoint" and out:
+            out[-1]["to"] = max(out[-1]["to"], event["step"])
+    for seg in out:
+        rates = seg.pop("rates")[1:] or [float("nan")]
+        seg["images_per_s"] = sum(rates) / len(rates)
+    return [seg for seg in out if seg["to"] > seg["from"]]
+
+
 def training_summary(run: Path) -> dict:
     events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if line.strip()]
-    steps = [e for e in events if "loss" in e]
     vals = [e for e in events if e.get("event") == "val"]
-    starts = [e for e in events if e.get("event") == "start"]
     config = json.loads((run / "config.json").read_text())
-    return {
-        "final_step": max(e["step"] for e in events if "step" in e),
-        "segments": len(starts),
-        "batch_size": config["batch_size"],
-        "resolution": config["phase"]["resolution"],
-        "last_val": vals[-1] if vals else None,
-        "mean_images_per_s": sum(e["images_per_s"] for e in steps[1:]) / max(1, len(steps) - 1),
-        "config": config,
-    }
+    segs = segments(run)
+    minutes = sum((seg["to"] - seg["from"]) * config["batch_size"] / seg["images_per_s"] / 60 for seg in segs)
+    return {"run": str(run), "final_step": max(e["step"] for e in events if "step" in e), "segments": segs,
+            "batch_size": config["batch_size"], "resolution": config["phase"]["resolution"],
+            "last_val": vals[-1] if vals else None, "minutes": minutes, "config": config}
+
+
+def run_lines(summary: dict) -> str:
+    phase = summary["config"]["phase"]
+    head = (f"- `{summary['run']}`: phase {phase['phase']} ({phase['trainable']} parameters train), "
+            f"L1 + {phase['lpips_weight']} LPIPS(alex), random {summary['resolution']} px crops with flips, "
+            f"batch {summary['batch_size']}, AdamW (weight decay {phase['optim']['weight_decay']}), seed "
+            f"{summary['config']['seed']}; {summary['final_step']} steps, about {summary['minutes']:.0f} minutes "
+            f"of training steps on two shared CPU cores:")
+    rows = [f"  - steps {seg['from']}-{seg['to']}: {seg['precision']}, lr {seg['lr']:.2g}, "
+            f"{seg['images_per_s']:.1f} images/s" for seg in summary["segments"]]
+    val = summary["last_val"]
+    if val:
+        rows.append(f"  - last validation (BSDS500 val, center crops at {summary['resolution']} px): PSNR "
+                    f"{val['val_psnr']:.2f} dB, LPIPS {val['val_lpips']:.3f}")
+    return "\n".join([head, *rows])
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path)
+    parser.add_argument("runs", type=Path, nargs="+", help="the training runs in order; the last one's weights ship")
     parser.add_argument("--results", type=Path, default=Path("results/default_model.json"))
     parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--commands", nargs="*", default=[], help="the commands that trained the runs, for the card")
     args = parser.parse_args()
 
-    model = DCAE.from_pretrained(args.run)
+    model = DCAE.from_pretrained(args.runs[-1])
     save_pretrained(model, args.out, format="dcae", dtype=torch.float16)
-    train = training_summary(args.run)
+    summaries = [training_summary(run) for run in args.runs]
     scores = json.loads(args.results.read_text())["mean"]
     size_mb = (args.out / "model.safetensors").stat().st_size / 2**20
     params = sum(p.numel() for p in model.parameters())
-    phase = train["config"]["phase"]
     margin = scores["dcae_psnr"] - scores["bicubic_psnr"]
     verdict = (f"PSNR margin over bicubic: {margin:+.2f} dB; LPIPS {scores['dcae_lpips']:.3f} vs "
                f"{scores['bicubic_lpips']:.3f}. " + ("" if margin >= 1 else
-               "The target of bicubic + 1 dB is not reached yet: this small model trained for minutes on a CPU. "
-               "`python -m experiments.train_default --budget-min N --resume` continues the same run."))
+               "The target of bicubic + 1 dB is not reached yet: this small model trained for about "
+               f"{sum(s['minutes'] for s in summaries):.0f} minutes on a CPU. `python -m experiments.train_default "
+               "--budget-min N --resume` continues a run."))
+    commands = "\n".join(f"    {c}" for c in [*args.commands,
+                                               f"python experiments/eval_default.py --model {args.runs[-1]}",
+                                               f"python experiments/export_default.py {' '.join(map(str, args.runs))}"])
     card = f"""# Embedded default model: `{model.config.name}` trained on BSDS500
 
-Generated by `experiments/export_default.py`; every number below comes from `{args.results}` and `{args.run}/log.jsonl`.
+Generated by `experiments/export_default.py`; every number below comes from `{args.results}` and the runs' `log.jsonl`.
 
 - Architecture: `{model.config.name}` (f{model.spatial_factor}c{model.latent_channels}, {params / 1e6:.2f}M parameters),
-  stored as float16 safetensors ({size_mb:.1f} MB); dcae loads it into float32.
+  stored as float16 safetensors ({size_mb:.1f} MB; BatchNorm statistics in float32); dcae loads it into float32.
 - Data: BSDS500 `train` + `test` (400 photos, 481x321); validation on BSDS500 `val`. Never Kodak or SunHays80.
-- Recipe: phase 1 only (all parameters), L1 + {phase['lpips_weight']} LPIPS(alex), AdamW
-  (lr 1e-3 with 200 warm-up steps, then 3e-4 for the last segment; weight decay {phase['optim']['weight_decay']}),
-  random {train['resolution']}px crops with flips, batch {train['batch_size']}, fp32, seed {train['config']['seed']}.
-- Length: {train['final_step']} steps ({train['final_step'] * train['batch_size']} crops) in {train['segments']} segments,
-  at about {train['mean_images_per_s']:.1f} images/s on two shared CPU cores
-  ({train['final_step'] * train['batch_size'] / train['mean_images_per_s'] / 60:.0f} minutes of training steps).
-- Commands: `python -m experiments.train_default --budget-min 75 --run-dir {args.run}` then
-  `dcae train --resume {args.run} --steps 1000000 phase.optim.lr=3e-4 phase.optim.warmup_steps=0` (stopped by SIGINT
-  after 22 minutes), `python experiments/eval_default.py --model {args.run}`, `python experiments/export_default.py {args.run}`.
-- Last validation (BSDS500 val, center crops at {train['resolution']}px): PSNR {train['last_val']['val_psnr']:.2f} dB,
-  LPIPS {train['last_val']['val_lpips']:.3f}.
+- Training, run by run (a run continues the previous one's weights; the shipped weights are the last run's, not EMA):
+{chr(10).join(run_lines(s) for s in summaries)}
+- Commands:
+
+{commands}
 
 ## Kodak24 at native size (768x512), uint8 outputs
 
