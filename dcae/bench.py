@@ -14,7 +14,6 @@ import math
 import os
 import platform
 import statistics
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -88,31 +87,50 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _hwm_bytes() -> int | None:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def exact_cpu_memory() -> bool:
+    """Make process RSS follow live tensors: glibc then serves every block over 64 KiB with its own mmap and unmaps
+    it on free (no dynamic threshold, no retained heap), so the kernel's high-water mark (VmHWM, reset through
+    /proc/self/clear_refs) is the true peak of a call. Costs a page fault per new block: call after the timings."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 64 * 1024) == 1 and libc.mallopt(m_trim_threshold, 128 * 1024) == 1
+        libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return ok and _hwm_bytes() is not None
+    except (OSError, AttributeError):
+        return False
+
+
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
-    """Peak memory above the baseline during one call: CUDA allocator peak, or sampled RSS on CPU."""
+    """Peak memory above the baseline during one call: the CUDA allocator's peak, or on CPU the kernel's RSS
+    high-water mark (exact after `exact_cpu_memory()`; -1 where /proc is missing)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         fn()
         sync(device)
         return torch.cuda.max_memory_allocated(device) - base
-    if not os.path.exists("/proc/self/statm"):
-        return -1
-    base, peak, done = _rss_bytes(), [0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # VmHWM := current RSS
+        base = _rss_bytes()
         fn()
-    finally:
-        done.set()
-        sampler.join()
-    return max(peak[0], _rss_bytes()) - base
+        peak = _hwm_bytes()
+    except OSError:
+        return -1
+    return -1 if peak is None else max(peak - base, 0)
 
 
 def count_flops(fn: Callable[[], Any]) -> int:
@@ -175,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
     fast = prepare_model(model, options[args.dtype[0]])
     peaks = {dtype: gemm_peak_gflops(DTYPES[dtype], device) for dtype in args.dtype}
     rows: list[dict[str, Any]] = []
+    memory_calls: list[tuple[dict[str, Any], Callable[[], Any]]] = []  # measured after all timings
     for resolution in args.resolution:
         x = torch.rand(args.batch_size, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
         with torch.inference_mode():
@@ -202,22 +221,27 @@ def run(args: argparse.Namespace) -> int:
             with torch.inference_mode():
                 seconds = time_interleaved(fns, device, args.repeats, args.warmup)
             if reference is not None:
-                with torch.inference_mode():
-                    memory = peak_memory(lambda: theirs(op), device)
-                rows.append(_row("diffusers", op, "fp32", resolution, args.batch_size, seconds["diffusers"], memory,
+                rows.append(_row("diffusers", op, "fp32", resolution, args.batch_size, seconds["diffusers"], None,
                                  flops[op], peaks.get("fp32") or gemm_peak_gflops(torch.float32, device)))
+                memory_calls.append((rows[-1], fns["diffusers"]))
             for dtype, opts in options.items():
-                memory = peak_memory(lambda: ours(op, opts), device)
                 output = ours(op, opts).cpu()
-                row = _row("dcae", op, dtype, resolution, args.batch_size, seconds[dtype], memory, flops[op],
+                row = _row("dcae", op, dtype, resolution, args.batch_size, seconds[dtype], None, flops[op],
                            peaks[dtype])
+                memory_calls.append((row, fns[dtype]))
                 row["max_abs_diff"] = (output - refs[op]).abs().max().item()
                 row["psnr_vs_fp32"] = psnr_against(refs[op], output)
                 rows.append(row)
-        _add_ratios(rows)
-        for row in rows:
-            if row["resolution"] == resolution:
-                print(_line(row), flush=True)
+    # Memory after every timing: the exact CPU accounting slows allocation, so it must not touch the clocks.
+    if device.type == "cpu":
+        exact_cpu_memory()
+    with torch.inference_mode():
+        for row, fn in memory_calls:
+            peak = peak_memory(fn, device)
+            row["peak_memory_mb"] = peak / 2**20 if peak >= 0 else None
+    _add_ratios(rows)
+    for row in rows:
+        print(_line(row), flush=True)
     result = {
         "preset": name, "device": _device_name(device), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "batch_size": args.batch_size, "repeats": args.repeats,
@@ -236,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
 def _row(impl, op, dtype, resolution, batch, seconds, memory, flops, peak) -> dict[str, Any]:
     gflops_per_s = flops * batch / seconds / 1e9
     return {"impl": impl, "op": op, "dtype": dtype, "resolution": resolution, "batch_size": batch,
-            "seconds": seconds, "images_per_s": batch / seconds, "peak_memory_mb": memory / 2**20,
+            "seconds": seconds, "images_per_s": batch / seconds, "peak_memory_mb": None if memory is None else memory / 2**20,
             "gflop_per_image": flops / 1e9, "gflop_per_s": gflops_per_s, "gemm_peak_gflop_per_s": peak,
             "fraction_of_gemm_peak": gflops_per_s / peak}
 
@@ -254,7 +278,11 @@ def _line(row: dict[str, Any]) -> str:
     diff = f"  maxdiff {row['max_abs_diff']:.2e}  psnr {row['psnr_vs_fp32']:.1f} dB" if "max_abs_diff" in row else ""
     return (f"{row['impl']:9s} {row['op']:6s} {row['dtype']:4s} {row['resolution']:5d}px  "
             f"{row['images_per_s']:7.3f} img/s  {ratio:>6s}  {row['gflop_per_s']:7.1f} GFLOP/s "
-            f"({100 * row['fraction_of_gemm_peak']:.0f}% of GEMM)  {row['peak_memory_mb']:7.0f} MB{diff}")
+            f"({100 * row['fraction_of_gemm_peak']:.0f}% of GEMM)  {_mb(row['peak_memory_mb']):>7s} MB{diff}")
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def _device_name(device: torch.device) -> str:
@@ -272,8 +300,10 @@ def markdown(result: dict[str, Any]) -> str:
         "<!-- generated by `dcae bench ae`; do not edit by hand -->",
         f"Preset `{result['preset']}`, {result['device']}, {result['threads']} threads, torch {result['torch']}, "
         f"batch {result['batch_size']}, median of {result['repeats']}, channels_last={result['channels_last']}. "
-        f"GEMM peak measured in the same run: "
-        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in result["gemm_peak_gflops"].items()) + ".",
+        "GEMM peak measured in the same run: "
+        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in result["gemm_peak_gflops"].items()) + ". "
+        "Peak MB: memory one call adds at its peak (CUDA: allocator peak; CPU: the kernel's RSS high-water mark, "
+        "with glibc set to unmap every freed block so that RSS follows live tensors), measured after all timings.",
         "",
         "| impl | op | dtype | res | images/s | vs diffusers fp32 | GFLOP/image | GFLOP/s | of GEMM peak "
         "| peak MB | max abs diff | PSNR vs fp32 |",
@@ -285,5 +315,5 @@ def markdown(result: dict[str, Any]) -> str:
         psnr = f"{r['psnr_vs_fp32']:.1f} dB" if "psnr_vs_fp32" in r else "-"
         lines.append(f"| {r['impl']} | {r['op']} | {r['dtype']} | {r['resolution']} | {r['images_per_s']:.3f} "
                      f"| {ratio} | {r['gflop_per_image']:.0f} | {r['gflop_per_s']:.0f} "
-                     f"| {100 * r['fraction_of_gemm_peak']:.0f}% | {r['peak_memory_mb']:.0f} | {diff} | {psnr} |")
+                     f"| {100 * r['fraction_of_gemm_peak']:.0f}% | {_mb(r['peak_memory_mb'])} | {diff} | {psnr} |")
     return "\n".join(lines) + "\n"
