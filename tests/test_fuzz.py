@@ -791,7 +791,7 @@ def cli_inputs_dir() -> Path:
     return root
 
 
-IMAGE_OPTIONS = ["--batch-size", "--max-pixels", "--tile", "--overlap", "--quality", "--format", "--dtype", "--device"]
+IMAGE_OPTIONS = ["--batch-size", "--max-pixels", "--tile", "--overlap", "--max-memory"]  # numeric values
 TRAIN_OPTIONS = ["--steps", "--batch-size", "--resolution", "--seed", "--num-workers", "--phase-steps"]
 TRAIN_KEYS = ["steps", "seed", "batch_size", "optim.lr", "phase.resolution", "betas", "optim.betas", "ema_decay",
               "data.num_workers", "data.max_pixels", "phase.use_gan", "precision", "val_every", "gan.weight",
@@ -811,9 +811,7 @@ def cli_inputs(draw) -> list[str]:
         return args + ["--print-config"]  # parse and resolve every value, train nothing
     args = [command, "INPUT", "-o", "OUT", "--model", "MODEL"]
     for _ in range(draw(st.integers(1, 2))):
-        option = draw(st.sampled_from(IMAGE_OPTIONS[:5] if command == "encode" else IMAGE_OPTIONS[:5] + ["--format"]))
-        if option == "--quality" and command == "encode":
-            continue
+        option = draw(st.sampled_from(IMAGE_OPTIONS if command == "encode" else IMAGE_OPTIONS + ["--quality", "--format"]))
         args += [option, draw(NUMBER_TEXT)]
     return args
 
