@@ -364,6 +364,8 @@ def apply_header_ops(data: bytes, ops: list[tuple]) -> bytes:
             header["__metadata__"] = op[1]
         elif op[1] not in header and kind != "length":
             continue
+        elif kind in ("dtype", "shape", "offsets") and not isinstance(header[op[1]], dict):
+            continue  # an earlier "entry" op made this tensor's entry something else
         elif kind == "dtype":
             header[op[1]]["dtype"] = op[2]
         elif kind == "shape":
