@@ -32,7 +32,7 @@ import torch
 import dcae
 from dcae.images import from_model_range, read_image, to_model_range
 from dcae.metrics import psnr
-from dcae.tiling import decode_latent, encode_image, resolve_tile, tile_spans
+from dcae.tiling import MemoryBudget, activation_bytes_per_pixel, decode_latent, encode_image, resolve_tile, tile_spans
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -186,15 +186,23 @@ def markdown(report: dict) -> str:
                   f"weights), each case in a fresh process with {base.get('threads', 'default')} torch thread(s). "
                   f"Building the model alone peaks at "
                   f"{base['peak_rss_gb']:.2f} GB. Tiled runs use tile {base['tile']} px, overlap {base['overlap']} px.",
-                  "", "| image | latent | mode | tiles | peak RSS (GB) | decode time (s) "
-                  "| PSNR tiled vs untiled (dB) |",
-                  "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+                  "'Above the model' is the peak minus that; 'estimate' is what `--max-memory` budgets for one pass "
+                  "(one tile, or the whole image untiled) by `dcae.tiling.activation_bytes_per_pixel`: an upper "
+                  "bound by design.",
+                  "", "| image | latent | mode | tiles | peak RSS (GB) | above the model (GB) | estimate of one pass "
+                  "(GB) | decode time (s) | PSNR tiled vs untiled (dB) |",
+                  "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        with torch.device("meta"):
+            per_pixel = activation_bytes_per_pixel(dcae.create_model(base["preset"]), ("decode",))
         for case in sorted(memory["cases"][1:], key=lambda c: (c["size"], c["mode"])):
             size, factor = case["size"], dcae.get_config(case["preset"]).spatial_factor
             latent = f"{dcae.get_config(case['preset']).latent_channels}x{size // factor}x{size // factor}"
             value = case.get("psnr_tiled_vs_untiled_db")
             psnr_text = "" if value is None else ("identical" if value == float("inf") else f"{value:.2f}")
+            pixels = size * size if case["mode"] == "untiled" else min(size, case["tile"]) ** 2
+            estimate = MemoryBudget(0, per_pixel).needed_gb(pixels)
             lines.append(f"| {size}x{size} | {latent} | {case['mode']} | {case['tiles']} | {case['peak_rss_gb']:.2f} "
+                         f"| {case['peak_rss_gb'] - base['peak_rss_gb']:.2f} | {estimate:.2f} "
                          f"| {case['seconds']:.0f} | {psnr_text} |")
         lines += [""] + [f"- {note}" for note in memory["notes"]] + [""]
     quality = report.get("quality")
@@ -262,6 +270,8 @@ def main() -> None:
         save("quality", quality_benchmark(args))
     if not args.skip_memory:
         memory_benchmark(args, lambda section: save("memory", section))
+    if args.skip_memory and args.skip_quality and args.doc != "none":
+        write_doc(Path(args.doc), markdown(report))  # both skipped: re-render the tables from the JSON
     print(markdown(report))
 
 if __name__ == "__main__":
