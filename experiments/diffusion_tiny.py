@@ -78,6 +78,8 @@ def main() -> int:
     parser.add_argument("--max-images", type=int, help="cache only the first N training images (smoke runs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/diffusion_tiny.json")
+    parser.add_argument("--figure", default="docs/figures/diffusion_tiny_samples.png",
+                        help="a 512 px copy of the sample grid for docs/diffusion.md ('none': skip)")
     args = parser.parse_args()
 
     work = Path(args.work)
@@ -99,6 +101,12 @@ def main() -> int:
          str(args.seed), "--fid-ref", str(DATA / "val"), "-o", str(samples), *sample_args)
 
     summary = json.loads((samples / "sample.json").read_text())
+    if args.figure != "none":
+        from PIL import Image
+
+        figure = REPO / args.figure
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(samples / "grid.png").resize((512, 512), Image.LANCZOS).save(figure, optimize=True)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     losses = [entry for entry in log if "loss" in entry]
     start = next(entry for entry in log if entry.get("event") in ("start", "resume"))
