@@ -133,16 +133,16 @@ def test_memory_budget_from_the_device(tiny):
 
 
 PEAK_PROBE = """
-import json, resource, sys, torch, dcae
+import sys, torch, dcae
+from dcae.bench import exact_cpu_memory, peak_memory
 torch.set_num_threads(1)
 preset, op, size, precision = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 model = dcae.create_model(preset).eval()
 f, c = model.spatial_factor, model.latent_channels
 x = torch.randn(1, 3, size, size) if op == "encode" else torch.randn(1, c, size // f, size // f)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+assert exact_cpu_memory()  # RSS follows live tensors; VmHWM reset right before the call
 with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
-    getattr(model, op)(x)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+    print(peak_memory(lambda: getattr(model, op)(x), torch.device("cpu")))
 """
 
 
