@@ -291,6 +291,18 @@ def render_residual(results: dict[str, Any], figure: Path) -> tuple[list[str], l
         verdicts.append(verdict(grows, f"the shortcuts' PSNR gain grows with spatial compression: "
                                        f"{gaps['f32']:+.2f} dB at f32, {gaps['f64']:+.2f} dB at f64 (paper: the "
                                        "plain f64 model fails to train, rFID 28.3 vs 0.50)."))
+        if not grows:
+            steps = [t.get("steps_trained") or t.get("final_step") or 0
+                     for arm in arms for record in arm.records for t in record["train"]]
+            steps = round(sum(steps) / len(steps)) if steps else None
+            verdicts.append(
+                "- Why it may not show here: the paper's plain f64 model fails over a long ImageNet run of a 300M-"
+                "parameter model, an optimisation failure that needs many steps to open up; these arms had "
+                f"{results['settings']['budget_min']:g} min each"
+                + (f" (about {steps} steps)" if steps else "") + ", one seed, when every model is still in its first "
+                "rapid phase and a few tenths of a dB is within run-to-run noise. At R = 128 an f64 latent is 2x2, "
+                "so the deepest stages, where the shortcut matters most, see almost no spatial extent. Longer budgets "
+                "(`--budget-min 40`, several seeds) are what would settle it.")
     verdicts.append("- rFID here comes from 24 (Kodak) images: a Fréchet distance over so few samples is dominated by "
                     "its bias, so it is listed but not used for any verdict.")
     return lines, verdicts
