@@ -47,7 +47,7 @@ def training_summary(run: Path) -> dict:
     minutes = sum((seg["to"] - seg["from"]) * config["batch_size"] / seg["images_per_s"] / 60 for seg in segs)
     return {"run": str(run), "final_step": max(e["step"] for e in events if "step" in e), "segments": segs,
             "batch_size": config["batch_size"], "resolution": config["phase"]["resolution"],
-            "last_val": vals[-1] if vals else None, "minutes": minutes, "config": config}
+            "first_val": vals[0] if vals else None, "last_val": vals[-1] if vals else None, "minutes": minutes, "config": config}
 
 
 def run_lines(summary: dict) -> str:
@@ -61,8 +61,10 @@ def run_lines(summary: dict) -> str:
             f"{seg['images_per_s']:.1f} images/s" for seg in summary["segments"]]
     val = summary["last_val"]
     if val:
-        rows.append(f"  - last validation (BSDS500 val, center crops at {summary['resolution']} px): PSNR "
-                    f"{val['val_psnr']:.2f} dB, LPIPS {val['val_lpips']:.3f}")
+        first = summary["first_val"]
+        rows.append(f"  - validation (BSDS500 val, center crops at {summary['resolution']} px): PSNR "
+                    f"{first['val_psnr']:.2f} dB / LPIPS {first['val_lpips']:.3f} at step {first['step']}, "
+                    f"{val['val_psnr']:.2f} dB / {val['val_lpips']:.3f} at step {val['step']}")
     return "\n".join(["  " + line for line in [head, *rows]])
 
 
