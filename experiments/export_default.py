@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -88,7 +89,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, nargs="+", help="the training runs in order; the last one's weights ship")
     parser.add_argument("--results", type=Path, default=Path("results/default_model.json"))
-    parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR)
+    parser.add_argument("--out", type=Path, default=Path(os.path.relpath(DEFAULT_MODEL_DIR)),
+                        help="where the packaged model goes (default: the package's asset folder)")
     parser.add_argument("--commands", nargs="*", default=[], help="the commands that trained the runs, for the card")
     parser.add_argument("--stages", type=Path, nargs="*", default=[],
                         help="eval_default.py JSONs of the earlier runs, for a stage-by-stage Kodak24 table")
