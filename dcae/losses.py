@@ -17,6 +17,11 @@ def l1(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x - y).abs().mean()
 
 
+def mse(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over all elements (the loss that PSNR measures)."""
+    return (x - y).square().mean()
+
+
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """Discriminator hinge loss (Lim & Ye 2017): push real logits above +1 and fake logits below -1."""
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
@@ -98,11 +103,15 @@ def _init_weights(module: nn.Module) -> None:
 
 
 class ReconstructionLoss(nn.Module):
-    """l1_weight * L1 + lpips_weight * LPIPS; forward(x, y) -> (loss, logs). LPIPS built only when its weight > 0."""
+    """l1_weight * L1 + mse_weight * MSE + lpips_weight * LPIPS; forward(x, y) -> (loss, logs).
 
-    def __init__(self, l1_weight: float = 1.0, lpips_weight: float = 1.0, perceptual: nn.Module | None = None):
+    LPIPS is built only when its weight > 0; MSE is logged only when its weight > 0.
+    """
+
+    def __init__(self, l1_weight: float = 1.0, lpips_weight: float = 1.0, perceptual: nn.Module | None = None,
+                 mse_weight: float = 0.0):
         super().__init__()
-        self.l1_weight, self.lpips_weight = l1_weight, lpips_weight
+        self.l1_weight, self.lpips_weight, self.mse_weight = l1_weight, lpips_weight, mse_weight
         if perceptual is None and lpips_weight > 0:
             from dcae.perceptual import LPIPS
 
@@ -113,6 +122,10 @@ class ReconstructionLoss(nn.Module):
         """x: inputs, y: reconstructions, both (B, 3, H, W) in [-1, 1]."""
         rec_l1 = l1(y.float(), x.float())
         loss, logs = self.l1_weight * rec_l1, {"l1": rec_l1.detach()}
+        if self.mse_weight > 0:
+            rec_mse = mse(y.float(), x.float())
+            loss = loss + self.mse_weight * rec_mse
+            logs["mse"] = rec_mse.detach()
         if self.lpips_weight > 0:
             rec_lpips = self.perceptual(y.float(), x.float()).mean()
             loss = loss + self.lpips_weight * rec_lpips

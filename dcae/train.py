@@ -53,7 +53,9 @@ class OptimConfig:
     weight_decay: float = 0.1  # applied to weights (ndim >= 2) only, not to biases and norm scales
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    warmup_steps: int = 500  # linear warm-up from lr/warmup to lr, then constant
+    warmup_steps: int = 500  # linear warm-up from lr/warmup to lr, then constant (or cosine, below)
+    decay_steps: int = 0  # > 0: cosine decay from lr to min_lr_ratio * lr over this many steps after the warm-up
+    min_lr_ratio: float = 0.0
     grad_clip: float = 1.0  # max global grad norm (0 = off)
 
 
@@ -63,6 +65,7 @@ class PhaseConfig:
     trainable: str = "all"  # "all" | "latent_adaptation" | "decoder_head" (the model's parameter groups)
     resolution: int = 256  # square random crops
     l1_weight: float = 1.0
+    mse_weight: float = 0.0  # squared error in [-1, 1] units: a PSNR-targeted last stage uses it
     lpips_weight: float = 1.0  # LPIPS(alex), as taming's perceptual_weight
     use_gan: bool = False  # add the PatchGAN generator loss (and train the discriminator)
     gan: GANConfig = field(default_factory=GANConfig)
@@ -332,10 +335,14 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def lr_at(step: int, optim: OptimConfig) -> float:
-    """Linear warm-up over `warmup_steps`, then constant."""
-    if optim.warmup_steps <= 0:
+    """Linear warm-up over `warmup_steps`, then constant, or a cosine decay over `decay_steps` that then stays low."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    if optim.decay_steps <= 0:
         return optim.lr
-    return optim.lr * min(1.0, (step + 1) / optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / optim.decay_steps)
+    low = optim.min_lr_ratio * optim.lr
+    return low + (optim.lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def build_optimizer(params: list[nn.Parameter], optim: OptimConfig, lr: float | None = None) -> torch.optim.AdamW:
@@ -572,7 +579,7 @@ def reduce_mean(values: torch.Tensor, d: Dist) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The training loop
-METRICS = ("loss", "l1", "lpips", "g_loss", "gan_weight", "d_loss", "grad_norm", "bad", "skipped", "stop")
+METRICS = ("loss", "l1", "mse", "lpips", "g_loss", "gan_weight", "d_loss", "grad_norm", "bad", "skipped", "stop")
 
 
 def build_model(config: TrainConfig, resume_from: Path | None) -> nn.Module:
@@ -636,7 +643,8 @@ class Trainer:
             enable_gradient_checkpointing(self.model)
         self.optimizer = build_optimizer(self.params, self.phase.optim)
         self.ddp_model = wrap_ddp(self.model, d, config.sync_batchnorm)
-        self.reconstruction = ReconstructionLoss(self.phase.l1_weight, self.phase.lpips_weight).to(d.device)
+        self.reconstruction = ReconstructionLoss(self.phase.l1_weight, self.phase.lpips_weight,
+                                                 mse_weight=self.phase.mse_weight).to(d.device)
         self.gan: GANLoss | None = None
         if self.phase.use_gan:
             self.gan = GANLoss(self.phase.gan).to(d.device).train()
@@ -745,6 +753,8 @@ class Trainer:
                 means.pop(k)
         if self.phase.lpips_weight <= 0:
             means.pop("lpips")
+        if self.phase.mse_weight <= 0:
+            means.pop("mse")
         images_per_s = window.steps * self.config.batch_size * self.d.world_size / max(window.seconds, 1e-9)
         self.log.write(step=self.step, lr=lr_at(self.step - 1, self.phase.optim), images_per_s=images_per_s,
                        skipped_images=self.counters["skipped_images"], bad_steps=self.counters["bad_steps"], **means)

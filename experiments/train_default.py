@@ -31,6 +31,7 @@ def main() -> int:
     parser.add_argument("--resolution", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=1_000_000, help="stop at this step even within the budget")
     parser.add_argument("--phase", type=int, default=1, choices=(1, 2))
     parser.add_argument("--init", help="phase 2: the phase-1 run to start from")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides passed to dcae train "
@@ -41,13 +42,13 @@ def main() -> int:
 
     data = union_folder(Path("runs/data/bsds500-train+test"))
     if args.resume:
-        cmd = ["--resume", args.run_dir, "--steps", "1000000"]
+        cmd = ["--resume", args.run_dir, "--steps", str(args.steps)]
     else:
         start = ["--preset", "dc-ae-tiny-f32c32"] if args.phase == 1 else ["--init", args.init]
         lr = ["phase.optim.lr=1e-3", "phase.optim.warmup_steps=200", "phase.optim.weight_decay=0.01"] \
             if args.phase == 1 else ["phase.optim.lr=1e-4", "phase.optim.warmup_steps=50"]
         cmd = [*start, "--data", str(data), "--val-data", str(BSDS / "val"),
-               "--phase", str(args.phase), "--steps", "1000000", "--batch-size", str(args.batch_size),
+               "--phase", str(args.phase), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--resolution", str(args.resolution), "--seed", str(args.seed), "--run-dir", args.run_dir,
                "--num-workers", "1",
                *lr, "phase.lpips_weight=0.1", "ema_decay=0.999", "val_every=500", "ckpt_every=250",

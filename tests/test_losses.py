@@ -89,8 +89,15 @@ def test_reconstruction_loss_weights_and_gradients():
     y = (x + 0.2 * torch.randn_like(x)).requires_grad_(True)
     only_l1 = ReconstructionLoss(l1_weight=2.0, lpips_weight=0.0)
     loss, logs = only_l1(x, y)
-    assert only_l1.perceptual is None and "lpips" not in logs
+    assert only_l1.perceptual is None and "lpips" not in logs and "mse" not in logs
     torch.testing.assert_close(loss, 2.0 * (y - x).abs().mean())
+    with_mse = ReconstructionLoss(l1_weight=0.5, lpips_weight=0.0, mse_weight=3.0)
+    loss, logs = with_mse(x, y)
+    torch.testing.assert_close(logs["mse"], (y - x).square().mean().detach())
+    torch.testing.assert_close(loss, 0.5 * (y - x).abs().mean() + 3.0 * (y - x).square().mean())
+    loss.backward()
+    torch.testing.assert_close(y.grad, 0.5 * (y - x).sign() / x.numel() + 3.0 * 2 * (y - x).detach() / x.numel())
+    y.grad = None
     from dcae.perceptual import LPIPS
 
     lpips = LPIPS("alex")

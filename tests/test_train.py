@@ -17,6 +17,7 @@ from dcae.cli import main
 from dcae.errors import DCAEError
 from dcae.train import (
     CHECKPOINT_SLEEP_ENV,
+    OptimConfig,
     TrainConfig,
     apply_overrides,
     config_from_dict,
@@ -135,6 +136,15 @@ def test_lr_warmup_and_ema():
     assert lr_at(0, optim) == pytest.approx(optim.lr / optim.warmup_steps)
     assert lr_at(optim.warmup_steps - 1, optim) == pytest.approx(optim.lr)
     assert lr_at(10 * optim.warmup_steps, optim) == optim.lr
+    cosine = OptimConfig(lr=1e-3, warmup_steps=10, decay_steps=100, min_lr_ratio=0.1)
+    assert lr_at(0, cosine) == pytest.approx(1e-4)
+    assert lr_at(10, cosine) == pytest.approx(1e-3)  # the peak, right after the warm-up
+    assert lr_at(60, cosine) == pytest.approx(0.55e-3)  # half way: the mean of peak and floor
+    assert lr_at(110, cosine) == pytest.approx(1e-4) and lr_at(10_000, cosine) == pytest.approx(1e-4)
+    values = [lr_at(s, cosine) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # never rises during the decay
+    no_warmup = OptimConfig(lr=1e-3, warmup_steps=0, decay_steps=4)
+    assert [lr_at(s, no_warmup) for s in range(5)] == pytest.approx([1e-3, 8.535534e-4, 5e-4, 1.464466e-4, 0.0])
     ema, model = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
     with torch.no_grad():
         model.weight.fill_(3.0)
