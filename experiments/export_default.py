@@ -51,14 +51,32 @@ def training_summary(run: Path) -> dict:
             "first_val": vals[0] if vals else None, "last_val": vals[-1] if vals else None, "minutes": minutes, "config": config}
 
 
+def loss_text(phase: dict) -> str:
+    """'L1 + 0.1 LPIPS(alex)', 'MSE + 0.02 LPIPS(alex)', ... from a run's phase config (terms with weight > 0)."""
+    terms = [(phase.get("l1_weight", 1.0), "L1"), (phase.get("mse_weight", 0.0), "MSE"),
+             (phase.get("lpips_weight", 0.0), "LPIPS(alex)")]
+    return " + ".join(name if weight == 1 else f"{weight:g} {name}" for weight, name in terms if weight > 0)
+
+
+def schedule_text(optim: dict) -> str:
+    decay = optim.get("decay_steps", 0)
+    if decay <= 0:
+        return ""
+    ratio = optim.get("min_lr_ratio", 0.0)
+    return (f", lr cosine-decayed over {decay} steps after a {optim['warmup_steps']}-step warm-up to "
+            + (f"{ratio:g} x lr" if ratio else "0"))
+
+
 def run_lines(summary: dict) -> str:
     phase = summary["config"]["phase"]
     head = (f"- `{summary['run']}`: phase {phase['phase']} ({phase['trainable']} parameters train), "
-            f"L1 + {phase['lpips_weight']} LPIPS(alex), random {summary['resolution']} px crops with flips, "
-            f"batch {summary['batch_size']}, AdamW (weight decay {phase['optim']['weight_decay']}), seed "
+            f"{loss_text(phase)}, random {summary['resolution']} px crops with flips, "
+            f"batch {summary['batch_size']}, AdamW (weight decay {phase['optim']['weight_decay']}"
+            f"{schedule_text(phase['optim'])}), seed "
             f"{summary['config']['seed']}; {summary['final_step']} steps, about {summary['minutes']:.0f} minutes "
             f"of training steps on two shared CPU cores:")
-    rows = [f"  - steps {seg['from']}-{seg['to']}: {seg['precision']}, lr {seg['lr']:.2g}, "
+    last = "last " if phase["optim"].get("decay_steps", 0) > 0 else ""
+    rows = [f"  - steps {seg['from']}-{seg['to']}: {seg['precision']}, {last}lr {seg['lr']:.2g}, "
             f"{seg['images_per_s']:.1f} images/s" for seg in summary["segments"]]
     val = summary["last_val"]
     if val:
@@ -80,7 +98,8 @@ def stage_table(stages: list[Path], final: Path) -> str:
     for path in [*stages, final]:
         result = json.loads(path.read_text())
         m = result["mean"]
-        lines.append(f"| `{result['model']}` | {m['dcae_psnr']:.2f} | {m['dcae_ssim']:.4f} | {m['dcae_lpips']:.4f} "
+        tiles = f" in {result['tile']} px tiles" if result.get("tile") else ""
+        lines.append(f"| `{result['model']}`{tiles} | {m['dcae_psnr']:.2f} | {m['dcae_ssim']:.4f} | {m['dcae_lpips']:.4f} "
                      f"| {m['dcae_psnr'] - m['bicubic_psnr']:+.2f} |")
     return "\n".join(lines) + "\n"
 

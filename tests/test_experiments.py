@@ -125,3 +125,37 @@ def test_report_renders_tables_figures_and_verdicts(tmp_path: Path):
 
 def report_keys() -> list[str]:
     return [study.key for study in report.STUDIES]
+
+
+def test_phase3_init_record_and_report(tmp_path: Path):
+    import hashlib
+
+    from experiments import phase3_study
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    (model / "config.json").write_text("{}")
+    record = phase3_study.init_record(model, tmp_path / "runs")
+    run_dir = Path(record["run_dir"])
+    assert record["sha256"] == hashlib.sha256(b"weights").hexdigest()
+    assert run_dir.name == f"init-{record['sha256'][:8]}" and sorted(p.name for p in run_dir.iterdir()) == [
+        "budget.json", "config.json", "model.safetensors"]
+    assert phase3_study.init_record(model, tmp_path / "runs")["run_dir"] == str(run_dir)  # reused, not copied again
+    with pytest.raises(SystemExit, match="no model.safetensors"):
+        phase3_study.init_record(tmp_path / "runs", tmp_path / "runs")
+
+    specs = ["kodak24@128", "kodak24@native", "sunhays80@128"]
+    values = {"trained model (base)": (25, 0.2, 60.0, 26.0), "no GAN (phase 1 restarted)": (25.3, 0.19, 58.0, 25.5),
+              "full-model GAN": (24.5, 0.18, 45.0, 25.0), "decoder-head GAN (phase 3)": (25.1, 0.18, 44.0, 25.9)}
+    arms = [_arm(n, 0, {s: ((native if s.endswith("native") else p), lp, fid) for s in specs}, preset="x")
+            for n, (p, lp, fid, native) in values.items()]
+    results = _results("phase3_study", specs, arms, extra_budget_min=15.0,
+                       init={"source": "dcae/assets/default-f32c32", "sha256": record["sha256"]})
+    common.write_json_atomic(tmp_path / "results" / "phase3_study.json", results)
+    out = tmp_path / "REPORT.md"
+    report.main(["--results", str(tmp_path / "results"), "--out", str(out), "--figures", str(tmp_path / "fig")])
+    section = out.read_text().split("## 3.")[1].split("## 4.")[0]
+    assert f"from the trained model `dcae/assets/default-f32c32` (sha256 {record['sha256'][:12]})" in section
+    assert "GAN refinement vs no GAN at the same extra budget, rFID on sunhays80@128: better" in section
+    assert "decoder-head GAN vs full-model GAN PSNR better (25.90 vs 25.00 dB)" in section
