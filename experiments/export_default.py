@@ -128,8 +128,8 @@ def main() -> int:
     params = sum(p.numel() for p in model.parameters())
     margin = scores["dcae_psnr"] - scores["bicubic_psnr"]
     verdict = (f"PSNR margin over bicubic: {margin:+.2f} dB; LPIPS {scores['dcae_lpips']:.3f} vs "
-               f"{scores['bicubic_lpips']:.3f}. " + ("" if margin >= 1 else
-               "The target of bicubic + 1 dB is not reached yet: this small model trained for about "
+               f"{scores['bicubic_lpips']:.3f}." + ("" if margin >= 1 else
+               " The target of bicubic + 1 dB is not reached yet: this small model trained for about "
                f"{sum(s['minutes'] for s in summaries):.0f} minutes on a CPU. `python -m experiments.train_default "
                "--budget-min N --resume` continues a run."))
     commands = "\n".join(f"    {c}" for c in [*args.commands,

@@ -260,3 +260,19 @@ def test_decode_refuses_bad_latents(tmp_path, model_dir):
     for name, (_, _, phrase) in cases.items():
         assert any(line.startswith(f"{tmp_path / name}: ") and phrase in line for line in errors), name
     assert files_under(tmp_path / "out") == ["fine.png"] and "decoded 1/8 latents" in stdout
+
+
+def test_embedded_default_reproduces_its_recorded_score(tmp_path):
+    """The README's main job with no --model: the shipped weights give the PSNR that results/default_model.json and
+    the README state for the bundled photo, and beat that photo's equal-size bicubic baseline."""
+    import json
+
+    recorded = json.loads((REPO / "results" / "default_model.json").read_text())
+    row = next(r for r in recorded["rows"] if r["image"] == "kodim23.png")
+    rc, stdout, stderr = run_cli("reconstruct", str(REPO / "examples" / "kodim23.png"), "-o", str(tmp_path))
+    assert rc == 0, stderr
+    assert "RANDOM" not in stderr and "default-f32c32" in stdout
+    measured = float(re.search(r"kodim23\.png .* PSNR ([0-9.]+) dB", stdout).group(1))
+    assert measured == pytest.approx(row["dcae_psnr"], abs=0.006)  # printed to 0.01 dB
+    assert row["dcae_psnr"] > row["bicubic_psnr"] + 0.5
+    assert recorded["mean"]["dcae_psnr"] >= recorded["mean"]["bicubic_psnr"] + 1.0  # issue 6's target, as recorded
