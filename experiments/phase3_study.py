@@ -14,7 +14,7 @@ the 50k an FID needs).
 GAN refinement of a model that reconstructs only blobs says little, so `--init MODEL` starts every arm from a
 trained model instead (a run directory or a save_pretrained folder, e.g. the embedded default):
 
-    python -m experiments.phase3_study --init dcae/assets/default-f32c32 --budget-min 20 --lr 1e-4 \
+    python -m experiments.phase3_study --init dcae/assets/default-f32c32 --budget-min 15 --lr 1e-4 \
         --resolution 128 --disc-warmup 100 --out results/phase3_study.json
 
 Then each arm trains `--budget-min` (no fraction) with the same learning rate: (a) no GAN is phase 1 restarted from
@@ -62,15 +62,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.init is not None:
             base = init_record(args.init, args.runs_root)
             results["init"] = {"source": str(args.init), "sha256": base["sha256"]}
-            name = Path(base["run_dir"]).name
-            label = f"{name}-p1-r{args.resolution}-s{seed}"
+            prefix = Path(base["run_dir"]).name
+            label = f"{prefix}-p1-r{args.resolution}-s{seed}"
             restart = phase_args(1, args.resolution, seed, args.batch_size, init=base["run_dir"], extra=lr)
             arms = [("trained model (base)", [base], {"trainable": "none"}),
                     ("no GAN (phase 1 restarted)", [base, train_budgeted(restart, args.runs_root, label, extra_s)],
                      {"trainable": "all"})]
         else:
             base = train_phase1(args, args.preset, seed)
-            label = f"{args.preset}-p1-r{args.resolution}-s{seed}"
+            prefix = args.preset
+            label = f"{prefix}-p1-r{args.resolution}-s{seed}"
             arms = [("phase 1 base", [base], {"trainable": "all"}),
                     ("no GAN (phase 1 continued)",
                      [base, continue_budgeted(base, args.runs_root, label + "-continued", extra_s)], {"trainable": "all"})]
@@ -78,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
                      "decoder-head GAN (phase 3)": ("decoder_head", gan)}
         for name, (trainable, extra) in followups.items():
             train_args = phase_args(3, args.resolution, seed, args.batch_size, init=base["run_dir"], extra=extra)
-            prefix = Path(base["run_dir"]).name if args.init is not None else args.preset
             label = f"{prefix}-p3-{trainable}-r{args.resolution}-s{seed}"
             arms.append((name, [base, train_budgeted(train_args, args.runs_root, label, extra_s)],
                          {"trainable": trainable, "followup_phase": 3}))
