@@ -77,6 +77,15 @@ def training_data() -> tuple[Path, Path]:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Budgeted training
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def run_key(train_args: list[str], budget_s: float) -> str:
     """Eight hex digits naming a run by everything that decides its result (its arguments and budget)."""
     text = json.dumps({"args": train_args, "budget_s": round(budget_s, 3)})

@@ -120,7 +120,7 @@ def main() -> int:
                         help="eval_default.py JSONs of the earlier runs, for a stage-by-stage Kodak24 table")
     args = parser.parse_args()
 
-    model = DCAE.from_pretrained(args.runs[-1], **({"weights": "ema"} if args.weights == "ema" else {}))
+    model = DCAE.from_pretrained(args.runs[-1], weights=args.weights)
     save_pretrained(model, args.out, format="dcae", dtype=torch.float16)
     summaries = [training_summary(run) for run in args.runs]
     scores = json.loads(args.results.read_text())["mean"]

@@ -23,7 +23,6 @@ the model (fresh optimizer), (b) and (c) as above. The model itself is the base 
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.common import (
-    continue_budgeted, finish, make_arm, new_results, phase_args, record_arm, study_parser, train_budgeted,
+    continue_budgeted, file_sha256, finish, make_arm, new_results, phase_args, record_arm, study_parser, train_budgeted,
     train_phase1, write_json_atomic,
 )
 
@@ -93,7 +92,7 @@ def init_record(source: Path, runs_root: Path) -> dict[str, Any]:
     folder = source if (source / "model.safetensors").is_file() else None
     if folder is None:
         raise SystemExit(f"{source}: no model.safetensors here; --init takes a run dir or a save_pretrained folder")
-    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    digest = file_sha256(folder / "model.safetensors")
     run_dir = Path(runs_root).resolve() / f"init-{digest[:8]}"
     if not run_dir.is_dir():
         tmp = run_dir.with_name(run_dir.name + ".tmp")

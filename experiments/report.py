@@ -9,7 +9,6 @@ trend of the paper does not reproduce at this scale.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -367,8 +366,10 @@ def _trainable(arm: Arm) -> str:
 
 def _init_changed(init: dict[str, Any]) -> str:
     """A note when the file a study started from has changed since (e.g. the embedded default was retrained)."""
+    from experiments.common import file_sha256
+
     weights = REPO / init["source"] / "model.safetensors"
-    if not weights.is_file() or hashlib.sha256(weights.read_bytes()).hexdigest() == init["sha256"]:
+    if not weights.is_file() or file_sha256(weights) == init["sha256"]:
         return ""
     return (f" (an earlier version of that model: the file there now has another hash; git history holds the one "
             "used here)")
