@@ -44,11 +44,13 @@ def main() -> int:
     parser.add_argument("--model", default="dcae/assets/default-f32c32")
     parser.add_argument("--data", default=str(KODAK))
     parser.add_argument("--out", default="results/default_model.json")
+    parser.add_argument("--weights", choices=("model", "ema"), default="model",
+                        help="a training run's raw or EMA weights")
     parser.add_argument("--tile", type=int, default=None, help="code in tiles of this size (default: whole images)")
     parser.add_argument("--overlap", type=int, default=None, help="tile overlap in pixels (default: tile / 4)")
     args = parser.parse_args()
 
-    model = DCAE.from_pretrained(args.model).eval()
+    model = DCAE.from_pretrained(args.model, weights=args.weights).eval()
     lpips = LPIPS("alex")
     config = model.config
     shrink = math.sqrt(3 * config.spatial_factor**2 / config.latent_channels)
@@ -73,7 +75,7 @@ def main() -> int:
         rows.append(row)
         print(f"{rel}: dcae {row['dcae_psnr']:.2f} dB / bicubic {row['bicubic_psnr']:.2f} dB", flush=True)
     summary = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "image"}
-    result = {"model": args.model, "tile": args.tile, "preset": config.name,
+    result = {"model": args.model, "weights": args.weights, "tile": args.tile, "preset": config.name,
               "latent": f"f{config.spatial_factor}c{config.latent_channels}",
               "bicubic_shrink_per_side": shrink, "n": len(rows), "seconds": time.time() - start,
               "mean": summary, "rows": rows}
