@@ -16,6 +16,7 @@ from torch import nn
 
 import dcae
 from dcae.errors import DCAEError
+from dcae.inference import bf16_is_native, cpu_isa
 from dcae.tiling import (OVERHEAD_BYTES, MemoryBudget, activation_bytes_per_pixel, available_memory, config_hash,
                          decode_latent, default_tile, encode_image, latent_metadata, memory_budget, pad_to_multiple,
                          padding_for, read_latent, resolve_tile, tile_spans, tiled_decode, tiled_encode, write_latent)
@@ -151,6 +152,10 @@ with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=preci
                                                       ("dc-ae-tiny-f64c128", "decode", 1024, "bf16")])
 def test_memory_estimate_bounds_the_measured_peak(preset, op, size, precision):
     """The estimate is an upper bound of the peak RSS growth of one pass, and not a wildly loose one."""
+    if precision == "bf16" and not bf16_is_native("cpu"):
+        # A 1024 px bf16 pass under the exact-memory allocator takes many minutes where bf16 is emulated, and a
+        # smaller one is dominated by the fixed overhead term, so the bound says nothing there.
+        pytest.skip(f"hardware: bf16 is emulated on this CPU ({cpu_isa()}); the bf16 memory bound needs native bf16")
     result = subprocess.run([sys.executable, "-c", PEAK_PROBE, preset, op, str(size), precision],
                             capture_output=True, text=True, timeout=300, check=True)
     measured = int(result.stdout.strip().splitlines()[-1])
