@@ -5,6 +5,7 @@ its scaling factor) and the layouts (`dcae.weights`); `DCAE.from_pretrained` imp
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -100,6 +101,21 @@ def _load_file(path: Path, config: DCAEConfig | None, allow_pickle: bool, hint: 
     return model
 
 
+def _with_measured_factor(config: DCAEConfig, config_json: Path) -> DCAEConfig:
+    """A scaling factor measured after the weights were written (`dcae scaling-factor`) lives in the config.json
+    beside them: it fills the metadata's None when that file describes the same model. Anything else there is
+    ignored, as before: the weights' own metadata is the source of truth for the architecture."""
+    if config.scaling_factor is not None or not config_json.is_file():
+        return config
+    try:
+        beside = config_from_json_text(json.dumps(read_json(config_json)), str(config_json))
+    except DCAEError:
+        return config
+    if dataclasses.replace(beside, name=config.name, scaling_factor=None) != config:
+        return config
+    return dataclasses.replace(config, scaling_factor=beside.scaling_factor)
+
+
 def _detect_layout(state: dict[str, torch.Tensor], metadata: dict[str, str], config_json: Path) -> str:
     declared = metadata.get("dcae_format")
     if declared in FORMATS:
@@ -116,7 +132,7 @@ def _resolve_config(layout: str, metadata: dict[str, str], config_json: Path, st
                     hint: str | None, source: str) -> DCAEConfig:
     """The config a checkpoint carries (metadata, config.json), else the published model its keys and shapes make."""
     if "dcae_config" in metadata:
-        return config_from_json_text(metadata["dcae_config"], source)
+        return _with_measured_factor(config_from_json_text(metadata["dcae_config"], source), config_json)
     if layout == "diffusers":
         if not config_json.exists():
             raise DCAEError(f"{source}: diffusers checkpoint without its config.json")

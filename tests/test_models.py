@@ -180,3 +180,34 @@ def test_rms_norm_fused_channels_last_path_matches_the_plain_one(dtype, scale, t
     grads = [torch.autograd.grad(norm(v).square().sum(), x32)[0]
              for v in (x32, x32.contiguous(memory_format=torch.channels_last))]
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_structured_latent_prefix_and_zero_padding():
+    """DC-AE 1.5 (DC-Gen Adaptive{Output,Input}ConvLayer): encoding k channels gives the first k of the full latent,
+    and decoding k channels equals decoding them zero-padded to c (the input conv's first k input channels)."""
+    torch.manual_seed(0)
+    model = dcae.create_model("dc-ae-tiny-f32c128-1.5").eval()
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        z = model.encode(x)  # (1, 128, 2, 2)
+        for k in (1, 16, 127):
+            zk = model.encode(x, channels=k)
+            assert zk.shape == (1, k, 2, 2)
+            assert torch.allclose(zk, z[:, :k], atol=1e-6, rtol=0)
+            padded = torch.cat([zk, torch.zeros(1, 128 - k, 2, 2)], dim=1)
+            y_k, y_pad = model.decode(zk), model.decode(padded)
+            assert (y_k - y_pad).abs().max() <= 1e-5, k
+        assert not torch.allclose(model.decode(z[:, :16]), model.decode(z), atol=1e-3), "the rest of c matters"
+
+
+def test_structured_latent_refused_where_the_model_has_none():
+    model = dcae.create_model("dc-ae-tiny-f32c32")
+    x = torch.zeros(1, 3, 32, 32)
+    with pytest.raises(DCAEError, match="no structured latent"):
+        model.encode(x, channels=8)
+    with pytest.raises(ValueError, match="expected"):
+        model.decode(torch.zeros(1, 8, 1, 1))
+    with pytest.raises(DCAEError, match="from 1 to 128"):
+        dcae.create_model("dc-ae-tiny-f32c128-1.5").encode(torch.zeros(1, 3, 32, 32), channels=129)
+    with pytest.raises(ValueError, match="structured_latent needs"):
+        get_config("dc-ae-tiny-f32c32", structured_latent=True).validate()
