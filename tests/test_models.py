@@ -211,3 +211,12 @@ def test_structured_latent_refused_where_the_model_has_none():
         dcae.create_model("dc-ae-tiny-f32c128-1.5").encode(torch.zeros(1, 3, 32, 32), channels=129)
     with pytest.raises(ValueError, match="structured_latent needs"):
         get_config("dc-ae-tiny-f32c32", structured_latent=True).validate()
+
+
+def test_docs_model_table_is_generated_and_current():
+    from pathlib import Path
+
+    from scripts.model_table import BEGIN, END, table
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text(encoding="utf-8")
+    assert f"{BEGIN}\n{table()}{END}" in text, "run: python -m scripts.model_table"
