@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from dcae.autoencoder import DCAE, DCAEConfig, DecoderConfig, EncoderConfig
 from dcae.errors import DCAEError
+from dcae.weights import diffusers_topology, layout_shapes
 
 _PRESETS: dict[str, Callable[[], DCAEConfig]] = {}
 _VARIANTS = ("-plain", "-conv-shortcut")
@@ -329,8 +330,6 @@ def name_hint(path_or_id: str | PurePath) -> str | None:
 @lru_cache(maxsize=None)
 def _layout_shapes(name: str, layout: str) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """The (key, shape) list of a preset in a layout, from the meta device (nothing allocated); cached by name."""
-    from dcae.weights import layout_shapes
-
     return tuple(sorted(layout_shapes(get_config(name), layout).items()))
 
 
@@ -389,8 +388,6 @@ def _nearest(shapes: dict[str, tuple[int, ...]], layout: str) -> tuple[str, str]
 def match_published(config: DCAEConfig, hint: str | None) -> DCAEConfig:
     """A config read from a diffusers config.json, replaced by the published preset it is when that is certain: the
     hint names a preset of the same topology, or exactly one such preset has the config's scaling factor."""
-    from dcae.weights import diffusers_topology
-
     try:
         topology = diffusers_topology(config)
     except DCAEError:

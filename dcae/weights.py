@@ -8,6 +8,9 @@
 The key maps are generated from the model's own structure (not string-replaced from a list), so every key of every
 preset maps one to one, and loading is strict: a missing, unexpected or mis-shaped tensor is an error naming the keys.
 Pickle checkpoints are refused unless `allow_pickle=True`, and then read with `torch.load(weights_only=True)`.
+
+This module translates layouts and reads and writes files; it knows nothing of published models. Which published
+model a file is (and its scaling factor) is `dcae.presets`' question; `dcae.pretrained` loads, using both.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from dcae.autoencoder import DCAE, DCAEConfig
+from dcae.autoencoder import DCAE, DCAEConfig, DecoderConfig, EncoderConfig
 from dcae.errors import DCAEError
 
 FORMATS = ("dcae", "diffusers", "efficientvit")
@@ -274,8 +277,6 @@ def diffusers_config(config: DCAEConfig) -> dict[str, Any]:
 
 def config_from_diffusers(d: dict[str, Any], name: str, source: str) -> DCAEConfig:
     """A DCAEConfig from an `AutoencoderDC` config.json (defaults as in diffusers where a key is absent)."""
-    from dcae.autoencoder import DecoderConfig, EncoderConfig
-
     try:
         n = len(d.get("encoder_block_out_channels", (128, 256, 512, 512, 1024, 1024)))
 
