@@ -10,9 +10,10 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
+from dcae.errors import DCAEError
 from dcae.nn import (
-    ConvPixelShuffle,
-    ConvPixelUnshuffle,
+    DOWNSAMPLE_BLOCKS,
+    UPSAMPLE_BLOCKS,
     DownsampleBlock,
     LatentProjectIn,
     LatentProjectOut,
@@ -39,6 +40,7 @@ class EncoderConfig:
     block_type: tuple[str, ...] = ("ResBlock",) * 3 + ("EViT_GLU",) * 3  # convs at high resolution, attention deep
     norm: str = "rms2d"  # RMSNorm over channels: no batch statistics, so inference matches training at any batch
     act: str = "silu"
+    downsample_block: str = "pixel_unshuffle"  # conv to out/4 + pixel_unshuffle; "conv": stride-2 conv (Sana)
     downsample_shortcut: str | None = "averaging"  # residual autoencoding: space-to-channel then channel averaging
     out_shortcut: bool = True  # the latent is learned as a residual to the channel-averaged last stage
 
@@ -50,6 +52,7 @@ class DecoderConfig:
     block_type: tuple[str, ...] = ("ResBlock",) * 3 + ("EViT_GLU",) * 3
     norm: tuple[str, ...] = ("bn2d",) * 3 + ("rms2d",) * 3  # published in/mix models use BatchNorm in stages 0-2
     act: tuple[str, ...] = ("relu",) * 3 + ("silu",) * 3
+    upsample_block: str = "pixel_shuffle"  # conv to out*4 + pixel_shuffle; "interpolate": nearest 2x + conv (Sana)
     upsample_shortcut: str | None = "duplicating"  # residual autoencoding: channel duplication then channel-to-space
     in_shortcut: bool = True  # the first feature map is learned as a residual to the duplicated latent
     out_norm: str = "rms2d"  # decoder head: norm -> act -> conv (-> pixel shuffle); no tanh
@@ -64,7 +67,8 @@ class DCAEConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     attention_head_dim: int = 32  # LiteMLA head width; heads = channels / 32
-    scaling_factor: float | None = None  # 1 / RMS of latents, applied by diffusion code; None where unpublished
+    scaling_factor: float | None = None  # 1 / RMS of latents (docs/models.md), applied by diffusion code; None: unmeasured
+    structured_latent: bool = False  # DC-AE 1.5: encode(x, channels=k) emits the first k channels, decode takes any k <= c
 
     @property
     def spatial_factor(self) -> int:
@@ -125,6 +129,16 @@ class DCAEConfig:
                 raise ValueError(f"{key}={value!r}: expected one of {', '.join(map(str, allowed))}")
         if stages[0] != stages[1]:
             raise ValueError("encoder and decoder must have the same number of stages")
+        if enc.downsample_block not in DOWNSAMPLE_BLOCKS:
+            raise ValueError(f"encoder.downsample_block={enc.downsample_block!r}: expected one of "
+                             f"{', '.join(DOWNSAMPLE_BLOCKS)}")
+        if dec.upsample_block not in UPSAMPLE_BLOCKS:
+            raise ValueError(f"decoder.upsample_block={dec.upsample_block!r}: expected one of {', '.join(UPSAMPLE_BLOCKS)}")
+        if self.structured_latent not in (True, False):
+            raise ValueError(f"structured_latent={self.structured_latent!r}: expected true or false")
+        if self.structured_latent and (enc.out_shortcut or dec.in_shortcut):
+            # The averaging/duplicating latent shortcuts group channels by c: a k-channel prefix has no such form.
+            raise ValueError("structured_latent needs encoder.out_shortcut and decoder.in_shortcut off")
 
 
 # Bounds for configs read from files: far above every preset, far below what would exhaust a machine.
@@ -160,24 +174,25 @@ class Encoder(nn.Module):
         if len(depths) != n:
             raise ValueError(f"encoder: {len(depths)} depths for {n} widths")
         block_types = _per_stage(cfg.block_type, n, "encoder.block_type")
-        # Stem: a 3x3 conv, or (empty stage 0) a strided conv + pixel unshuffle straight to stage 1's width.
+        # Stem: a 3x3 conv, or (empty stage 0) a down-sampling block without shortcut straight to stage 1's width.
         if depths[0] > 0:
             self.project_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
         else:
-            self.project_in = ConvPixelUnshuffle(in_channels, widths[1])
+            self.project_in = DownsampleBlock(in_channels, widths[1], shortcut=None, block=cfg.downsample_block)
         self.stages = nn.ModuleList()
         for i, (width, depth) in enumerate(zip(widths, depths)):
             blocks = [build_block(block_types[i], width, cfg.norm, cfg.act, head_dim) for _ in range(depth)]
             if i < n - 1 and depth > 0:
-                blocks.append(DownsampleBlock(width, widths[i + 1], shortcut=cfg.downsample_shortcut))
+                blocks.append(DownsampleBlock(width, widths[i + 1], shortcut=cfg.downsample_shortcut,
+                                              block=cfg.downsample_block))
             self.stages.append(nn.Sequential(*blocks))
         self.project_out = LatentProjectOut(widths[-1], latent_channels, shortcut=cfg.out_shortcut)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
         x = self.project_in(x)  # (B, C0, H, W) or (B, C1, H/2, W/2)
         for stage in self.stages:
             x = stage(x)  # each non-final stage halves H, W
-        return self.project_out(x)  # (B, c, H/f, W/f)
+        return self.project_out(x, channels)  # (B, c or k, H/f, W/f)
 
 
 class Decoder(nn.Module):
@@ -196,7 +211,8 @@ class Decoder(nn.Module):
         for i in reversed(range(n)):
             blocks: list[nn.Module] = []
             if i < n - 1 and depths[i] > 0:
-                blocks.append(UpsampleBlock(widths[i + 1], widths[i], shortcut=cfg.upsample_shortcut))
+                blocks.append(UpsampleBlock(widths[i + 1], widths[i], shortcut=cfg.upsample_shortcut,
+                                            block=cfg.upsample_block))
             blocks += [build_block(block_types[i], widths[i], norms[i], acts[i], head_dim) for _ in range(depths[i])]
             stages[i] = nn.Sequential(*blocks)
         self.stages = nn.ModuleList(stages)
@@ -206,7 +222,7 @@ class Decoder(nn.Module):
         if depths[0] > 0:
             self.project_out = nn.Conv2d(head_width, out_channels, 3, padding=1)
         else:
-            self.project_out = ConvPixelShuffle(head_width, out_channels)
+            self.project_out = UpsampleBlock(head_width, out_channels, shortcut=None, block=cfg.upsample_block)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         x = self.project_in(z)  # (B, C_last, h, w)
@@ -247,14 +263,25 @@ class DCAE(nn.Module):
         if x.shape[-2] % factor or x.shape[-1] % factor:
             raise ValueError(f"{what}: H and W must be multiples of {factor}, got {tuple(x.shape[-2:])}")
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> raw latent (B, c, H/f, W/f) (not multiplied by scaling_factor)."""
+    def encode(self, x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> raw latent (B, c, H/f, W/f) (not multiplied by scaling_factor).
+
+        channels=k (structured-latent models): only the first k latent channels, (B, k, H/f, W/f).
+        """
         self._check_input(x, self.config.in_channels, self.spatial_factor, "encode")
-        return self.encoder(x)
+        if channels is not None:
+            check_latent_channels(self.config, channels)
+        return self.encoder(x, channels)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latent (B, c, h, w) -> (B, 3, h*f, w*f), roughly in [-1, 1] (not clamped)."""
-        self._check_input(z, self.latent_channels, 1, "decode")
+        """Raw latent (B, c, h, w) -> (B, 3, h*f, w*f), roughly in [-1, 1] (not clamped).
+
+        Structured-latent models also take (B, k, h, w) for any k <= c: the first k channels of a latent.
+        """
+        if self.config.structured_latent and z.ndim == 4 and 1 <= z.shape[1] <= self.latent_channels:
+            self._check_input(z, z.shape[1], 1, "decode")
+        else:
+            self._check_input(z, self.latent_channels, 1, "decode")
         return self.decoder(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -276,10 +303,12 @@ class DCAE(nn.Module):
         yield from self.decoder.project_out.parameters()
 
     # --- checkpoints --------------------------------------------------------------------------------------------------
+    # Conveniences in the diffusers style. The model does not depend on checkpoint code: `dcae.pretrained` (which
+    # needs the preset registry, which needs this module) is imported when these are called, never at import time.
     @classmethod
     def from_pretrained(cls, path_or_id: str | Path, **kwargs: Any) -> "DCAE":
         """Load a dcae, diffusers or efficientvit checkpoint: a file, a directory, or a Hugging Face Hub id."""
-        from dcae.weights import load_pretrained
+        from dcae.pretrained import load_pretrained
 
         return load_pretrained(path_or_id, **kwargs)
 
@@ -288,6 +317,15 @@ class DCAE(nn.Module):
         from dcae.weights import save_pretrained
 
         return save_pretrained(self, directory, format=format)
+
+
+def check_latent_channels(config: DCAEConfig, channels: int) -> None:
+    """DCAEError unless `channels` latent channels can be asked of this model (`--channels`, `encode(channels=)`)."""
+    if isinstance(channels, bool) or not isinstance(channels, int) or not 1 <= channels <= config.latent_channels:
+        raise DCAEError(f"channels={channels!r}: expected an integer from 1 to {config.latent_channels}")
+    if channels != config.latent_channels and not config.structured_latent:
+        raise DCAEError(f"model {config.name!r} has no structured latent: it encodes all {config.latent_channels} "
+                        "channels or none (DC-AE 1.5 models, e.g. dc-ae-f32c128-1.5, can emit fewer)")
 
 
 def _deepest_nonempty(stages: nn.ModuleList) -> nn.Module:

@@ -193,27 +193,43 @@ def channel_to_space_shortcut(x: torch.Tensor, out_channels: int, factor: int = 
     return F.pixel_shuffle(x, factor) if factor > 1 else x
 
 
-class DownsampleBlock(nn.Module):
-    """Halve the resolution: conv3x3 to out/4 channels then pixel_unshuffle, plus a shortcut.
+DOWNSAMPLE_BLOCKS = ("pixel_unshuffle", "conv")  # in/mix/1.x models, Sana (efficientvit `Conv`)
+UPSAMPLE_BLOCKS = ("pixel_shuffle", "interpolate")  # in/mix/1.x models and DC-AE-Lite, Sana (`InterpolateConv`)
 
+
+class DownsampleBlock(nn.Module):
+    """Halve the resolution with a learned layer, plus a shortcut.
+
+    block: "pixel_unshuffle" (conv3x3 to out/4 channels, then pixel_unshuffle: the in/mix models) or "conv" (a
+    stride-2 conv3x3 straight to out channels: Sana's encoder, efficientvit `downsample_block_type=Conv`).
     shortcut: "averaging" (the paper's space-to-channel shortcut), "pooling" (a conventional one: average pooling,
-    channels matched by a 1x1 conv; the ablation that isolates space-to-channel) or None (no shortcut).
+    channels matched by a 1x1 conv; the ablation that isolates space-to-channel) or None (no shortcut; also the
+    encoder stem when stage 0 is empty).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, shortcut: str | None = "averaging"):
+    def __init__(self, in_channels: int, out_channels: int, shortcut: str | None = "averaging",
+                 block: str = "pixel_unshuffle"):
         super().__init__()
-        if out_channels % 4 != 0:
+        if block not in DOWNSAMPLE_BLOCKS:
+            raise ValueError(f"unknown downsample block {block!r}; expected {' or '.join(DOWNSAMPLE_BLOCKS)}")
+        if block == "pixel_unshuffle" and out_channels % 4 != 0:
             raise ValueError(f"downsample out_channels must be a multiple of 4, got {out_channels}")
         if shortcut not in ("averaging", "pooling", None):
             raise ValueError(f"unknown downsample shortcut {shortcut!r}; expected averaging, pooling or None")
         self.out_channels = out_channels
         self.shortcut = shortcut
-        self.conv = nn.Conv2d(in_channels, out_channels // 4, 3, padding=1)
+        self.block = block
+        if block == "conv":
+            self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
+        else:
+            self.conv = nn.Conv2d(in_channels, out_channels // 4, 3, padding=1)
         if shortcut == "pooling":
             self.shortcut_conv = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.pixel_unshuffle(self.conv(x), 2)  # (B, out, H/2, W/2)
+        y = self.conv(x)  # (B, out, H/2, W/2) strided, or (B, out/4, H, W)
+        if self.block == "pixel_unshuffle":
+            y = F.pixel_unshuffle(y, 2)  # (B, out, H/2, W/2)
         if self.shortcut == "averaging":
             y = y + space_to_channel_shortcut(x, self.out_channels)
         elif self.shortcut == "pooling":
@@ -222,24 +238,33 @@ class DownsampleBlock(nn.Module):
 
 
 class UpsampleBlock(nn.Module):
-    """Double the resolution: conv3x3 to out*4 channels then pixel_shuffle, plus a shortcut.
+    """Double the resolution with a learned layer, plus a shortcut.
 
+    block: "pixel_shuffle" (conv3x3 to out*4 channels, then pixel_shuffle) or "interpolate" (nearest 2x upsampling,
+    then conv3x3 to out channels: Sana's decoder, efficientvit `InterpolateConv`, diffusers "interpolate").
     shortcut: "duplicating" (the paper's channel-to-space shortcut), "interpolate" (conventional: nearest upsampling,
-    channels matched by a 1x1 conv) or None.
+    channels matched by a 1x1 conv) or None (no shortcut; also the decoder head when stage 0 is empty).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, shortcut: str | None = "duplicating"):
+    def __init__(self, in_channels: int, out_channels: int, shortcut: str | None = "duplicating",
+                 block: str = "pixel_shuffle"):
         super().__init__()
+        if block not in UPSAMPLE_BLOCKS:
+            raise ValueError(f"unknown upsample block {block!r}; expected {' or '.join(UPSAMPLE_BLOCKS)}")
         if shortcut not in ("duplicating", "interpolate", None):
             raise ValueError(f"unknown upsample shortcut {shortcut!r}; expected duplicating, interpolate or None")
         self.out_channels = out_channels
         self.shortcut = shortcut
-        self.conv = nn.Conv2d(in_channels, out_channels * 4, 3, padding=1)
+        self.block = block
+        self.conv = nn.Conv2d(in_channels, out_channels * (4 if block == "pixel_shuffle" else 1), 3, padding=1)
         if shortcut == "interpolate":
             self.shortcut_conv = nn.Conv2d(in_channels, out_channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.pixel_shuffle(self.conv(x), 2)  # (B, out, 2H, 2W)
+        if self.block == "interpolate":
+            y = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))  # (B, out, 2H, 2W)
+        else:
+            y = F.pixel_shuffle(self.conv(x), 2)  # (B, out, 2H, 2W)
         if self.shortcut == "duplicating":
             y = y + channel_to_space_shortcut(x, self.out_channels)
         elif self.shortcut == "interpolate":
@@ -247,30 +272,13 @@ class UpsampleBlock(nn.Module):
         return y
 
 
-class ConvPixelUnshuffle(nn.Module):
-    """The encoder stem when stage 0 is empty: conv3x3 to out/4 channels, pixel_unshuffle; no shortcut."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels // 4, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pixel_unshuffle(self.conv(x), 2)
-
-
-class ConvPixelShuffle(nn.Module):
-    """The decoder head when stage 0 is empty: conv3x3 to out*4 channels, pixel_shuffle; no shortcut."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels * 4, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pixel_shuffle(self.conv(x), 2)
-
-
 class LatentProjectOut(nn.Module):
-    """Encoder output: conv3x3 to the latent channels, plus the averaging shortcut (groups of channels -> one)."""
+    """Encoder output: conv3x3 to the latent channels, plus the averaging shortcut (groups of channels -> one).
+
+    `forward(x, channels=k)` computes only the first k latent channels (DC-AE 1.5's structured latent; DC-Gen
+    `AdaptiveOutputConvLayer` slices the conv's weight and bias the same way); the shortcut, whose channel groups
+    depend on the latent width, has no such form, so structured models have none.
+    """
 
     def __init__(self, in_channels: int, latent_channels: int, shortcut: bool = True):
         super().__init__()
@@ -280,13 +288,19 @@ class LatentProjectOut(nn.Module):
         self.shortcut = shortcut
         self.conv = nn.Conv2d(in_channels, latent_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
+        if channels is not None and channels != self.latent_channels:
+            return F.conv2d(x, self.conv.weight[:channels], self.conv.bias[:channels], padding=1)  # (B, k, h, w)
         y = self.conv(x)
         return y + space_to_channel_shortcut(x, self.latent_channels, factor=1) if self.shortcut else y
 
 
 class LatentProjectIn(nn.Module):
-    """Decoder input: conv3x3 from the latent channels, plus the duplicating shortcut (each channel repeated)."""
+    """Decoder input: conv3x3 from the latent channels, plus the duplicating shortcut (each channel repeated).
+
+    A latent with k < C channels (structured models only) goes through the conv's first k input channels (DC-Gen
+    `AdaptiveInputConvLayer`): the same as zero-padding it to C channels, since a zero channel adds nothing.
+    """
 
     def __init__(self, latent_channels: int, out_channels: int, shortcut: bool = True):
         super().__init__()
@@ -297,5 +311,7 @@ class LatentProjectIn(nn.Module):
         self.conv = nn.Conv2d(latent_channels, out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if z.shape[1] != self.conv.in_channels:
+            return F.conv2d(z, self.conv.weight[:, :z.shape[1]], self.conv.bias, padding=1)  # (B, C_last, h, w)
         y = self.conv(z)
         return y + channel_to_space_shortcut(z, self.out_channels, factor=1) if self.shortcut else y

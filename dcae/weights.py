@@ -8,6 +8,9 @@
 The key maps are generated from the model's own structure (not string-replaced from a list), so every key of every
 preset maps one to one, and loading is strict: a missing, unexpected or mis-shaped tensor is an error naming the keys.
 Pickle checkpoints are refused unless `allow_pickle=True`, and then read with `torch.load(weights_only=True)`.
+
+This module translates layouts and reads and writes files; it knows nothing of published models. Which published
+model a file is (and its scaling factor) is `dcae.presets`' question; `dcae.pretrained` loads, using both.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from dcae.autoencoder import DCAE, DCAEConfig
+from dcae.autoencoder import DCAE, DCAEConfig, DecoderConfig, EncoderConfig
 from dcae.errors import DCAEError
 
 FORMATS = ("dcae", "diffusers", "efficientvit")
@@ -62,6 +66,8 @@ def efficientvit_key(key: str, config: DCAEConfig) -> str:
     """The efficientvit name of a dcae state-dict key."""
     enc, dec = config.encoder, config.decoder
     if key.startswith("encoder.project_in."):
+        if enc.depth_list[0] == 0 and enc.downsample_block == "conv":
+            return key  # efficientvit's strided ConvLayer stem: project_in.conv.{weight,bias}, as in dcae
         return "encoder.project_in.conv." + key[len("encoder.project_in."):]
     if key.startswith("encoder.project_out.conv."):
         wrap = "main." if enc.out_shortcut else ""
@@ -82,7 +88,10 @@ def efficientvit_key(key: str, config: DCAEConfig) -> str:
         shortcut = enc.downsample_shortcut if side == "encoder" else dec.upsample_shortcut
         if shortcut not in ("averaging", "duplicating", None):
             raise _unsupported(key, "efficientvit")
-        return prefix + ("main." if shortcut else "") + "conv." + rest
+        # ConvPixelUnshuffle / ConvPixelShuffle / InterpolateConv layers hold a ConvLayer (`.conv.conv.`); the
+        # strided `Conv` down-sampling block is a ConvLayer itself (`.conv.`).
+        strided = side == "encoder" and enc.downsample_block == "conv"
+        return prefix + ("main." if shortcut else "") + ("" if strided else "conv.") + rest
     a = _AGGREG.match(rest)
     if a:
         return prefix + f"context_module.main.aggreg.{a.group(1)}.{a.group(2)}.{a.group(3)}"
@@ -190,10 +199,16 @@ def _check_key_sets(found: set[str], expected: set[str], source: str) -> None:
 # diffusers config <-> DCAEConfig
 # ----------------------------------------------------------------------------------------------------------------------
 _NORM_TO_DIFFUSERS = {"rms2d": "rms_norm", "trms2d": "rms_norm", "bn2d": "batch_norm"}
+# diffusers builds a strided conv for any downsample_block_type but "pixel_unshuffle" and interpolates only for
+# "interpolate"; the published Sana config says "Conv" (diffusers' conversion script "conv").
+_DOWNSAMPLE_TO_DIFFUSERS = {"pixel_unshuffle": "pixel_unshuffle", "conv": "Conv"}
+_DOWNSAMPLE_FROM_DIFFUSERS = {"pixel_unshuffle": "pixel_unshuffle", "Conv": "conv", "conv": "conv"}
+_UPSAMPLE_TO_DIFFUSERS = {"pixel_shuffle": "pixel_shuffle", "interpolate": "interpolate"}
 
 
-def diffusers_config(config: DCAEConfig) -> dict[str, Any]:
-    """The `AutoencoderDC` config.json of a dcae config; an error names whatever diffusers cannot represent."""
+def diffusers_topology(config: DCAEConfig) -> dict[str, Any]:
+    """The `AutoencoderDC` arguments that fix the architecture (all but the scaling factor); DCAEError names whatever
+    diffusers cannot represent. A structured latent is not among them: diffusers runs such a model at full width."""
     enc, dec = config.encoder, config.decoder
     n = len(enc.width_list)
     problems = []
@@ -201,6 +216,8 @@ def diffusers_config(config: DCAEConfig) -> dict[str, Any]:
         problems.append("the encoder must use rms2d norm and silu")
     if enc.downsample_shortcut != "averaging" or dec.upsample_shortcut != "duplicating":
         problems.append("down/up-sampling blocks must have the residual-autoencoding shortcuts")
+    if enc.downsample_block not in _DOWNSAMPLE_TO_DIFFUSERS or dec.upsample_block not in _UPSAMPLE_TO_DIFFUSERS:
+        problems.append("unknown down/up-sampling block")
     if dec.out_norm not in ("rms2d", "trms2d"):
         problems.append("the decoder head norm must be rms2d")
 
@@ -221,8 +238,6 @@ def diffusers_config(config: DCAEConfig) -> dict[str, Any]:
         raise DCAEError(f"model {config.name!r} cannot be written in the diffusers layout: {'; '.join(problems)}")
     enc_kinds, enc_scales = block_types(enc)
     return {
-        "_class_name": "AutoencoderDC",
-        "_diffusers_version": DIFFUSERS_VERSION,
         "in_channels": config.in_channels,
         "latent_channels": config.latent_channels,
         "attention_head_dim": config.attention_head_dim,
@@ -234,21 +249,34 @@ def diffusers_config(config: DCAEConfig) -> dict[str, Any]:
         "decoder_layers_per_block": list(dec.depth_list),
         "encoder_qkv_multiscales": enc_scales,
         "decoder_qkv_multiscales": dec_scales,
-        "upsample_block_type": "pixel_shuffle",
-        "downsample_block_type": "pixel_unshuffle",
+        "upsample_block_type": _UPSAMPLE_TO_DIFFUSERS[dec.upsample_block],
+        "downsample_block_type": _DOWNSAMPLE_TO_DIFFUSERS[enc.downsample_block],
         "decoder_norm_types": [_NORM_TO_DIFFUSERS[x] for x in dec_norms],
         "decoder_act_fns": list(dec_acts),
         "encoder_out_shortcut": enc.out_shortcut,
         "decoder_in_shortcut": dec.in_shortcut,
         "decoder_conv_act_fn": dec.out_act,
-        "scaling_factor": 1.0 if config.scaling_factor is None else config.scaling_factor,
     }
+
+
+def diffusers_config(config: DCAEConfig) -> dict[str, Any]:
+    """The `AutoencoderDC` config.json of a dcae config; an error names whatever diffusers cannot represent.
+
+    An unmeasured scaling factor (None) is written as 1.0, AutoencoderDC's own default (latents pass unscaled),
+    with `_dcae_unmeasured_scaling_factor: true` beside it (diffusers ignores `_` keys; dcae reads it back as None),
+    and a warning that names the command that measures it.
+    """
+    out = {"_class_name": "AutoencoderDC", "_diffusers_version": DIFFUSERS_VERSION, **diffusers_topology(config)}
+    if config.scaling_factor is None:
+        warnings.warn(f"model {config.name!r} has no measured scaling_factor: its diffusers config says 1.0 (latents "
+                      "unscaled) and _dcae_unmeasured_scaling_factor: true; measure it with `dcae scaling-factor "
+                      "--model DIR --data IMAGES` (docs/models.md)", stacklevel=2)
+        return {**out, "scaling_factor": 1.0, "_dcae_unmeasured_scaling_factor": True}
+    return {**out, "scaling_factor": config.scaling_factor}
 
 
 def config_from_diffusers(d: dict[str, Any], name: str, source: str) -> DCAEConfig:
     """A DCAEConfig from an `AutoencoderDC` config.json (defaults as in diffusers where a key is absent)."""
-    from dcae.autoencoder import DecoderConfig, EncoderConfig
-
     try:
         n = len(d.get("encoder_block_out_channels", (128, 256, 512, 512, 1024, 1024)))
 
@@ -268,15 +296,19 @@ def config_from_diffusers(d: dict[str, Any], name: str, source: str) -> DCAEConf
             return tuple(out)
 
         default_scales = [[], [], [], [5], [5], [5]]
-        if d.get("upsample_block_type", "pixel_shuffle") != "pixel_shuffle" or \
-                d.get("downsample_block_type", "pixel_unshuffle") != "pixel_unshuffle":
-            raise ValueError("only pixel_shuffle / pixel_unshuffle sampling blocks are supported")
+        down = d.get("downsample_block_type", "pixel_unshuffle")
+        up = d.get("upsample_block_type", "pixel_shuffle")
+        if down not in _DOWNSAMPLE_FROM_DIFFUSERS:
+            raise ValueError(f"downsample_block_type {down!r} is not one of {', '.join(_DOWNSAMPLE_FROM_DIFFUSERS)}")
+        if up not in _UPSAMPLE_TO_DIFFUSERS:
+            raise ValueError(f"upsample_block_type {up!r} is not one of {', '.join(_UPSAMPLE_TO_DIFFUSERS)}")
         norms = {"rms_norm": "rms2d", "batch_norm": "bn2d"}
         enc = EncoderConfig(
             width_list=tuple(d.get("encoder_block_out_channels", (128, 256, 512, 512, 1024, 1024))),
             depth_list=tuple(d.get("encoder_layers_per_block", (2, 2, 2, 3, 3, 3))),
             block_type=types(d.get("encoder_block_types"), d.get("encoder_qkv_multiscales", default_scales)),
             out_shortcut=bool(d.get("encoder_out_shortcut", True)),
+            downsample_block=_DOWNSAMPLE_FROM_DIFFUSERS[down],
         )
         dec = DecoderConfig(
             width_list=tuple(d.get("decoder_block_out_channels", (128, 256, 512, 512, 1024, 1024))),
@@ -286,8 +318,11 @@ def config_from_diffusers(d: dict[str, Any], name: str, source: str) -> DCAEConf
             act=tuple(per_stage(d.get("decoder_act_fns"), "silu")),
             in_shortcut=bool(d.get("decoder_in_shortcut", True)),
             out_act=d.get("decoder_conv_act_fn", "relu"),
+            upsample_block=up,
         )
         scaling = d.get("scaling_factor", 1.0)
+        if d.get("_dcae_unmeasured_scaling_factor"):
+            scaling = None
         config = DCAEConfig(name=name, in_channels=int(d.get("in_channels", 3)),
                           latent_channels=int(d.get("latent_channels", 32)),
                           attention_head_dim=int(d.get("attention_head_dim", 32)), encoder=enc, decoder=dec,
@@ -339,37 +374,11 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _config_from_json_text(text: str, source: str) -> DCAEConfig:
+def config_from_json_text(text: str, source: str) -> DCAEConfig:
     try:
         return DCAEConfig.from_dict(json.loads(text))
     except (json.JSONDecodeError, ValueError, TypeError) as error:
         raise DCAEError(f"{source}: invalid dcae config ({error})") from None
-
-
-def _name_hint(path_or_id: str) -> str | None:
-    """A published preset named by a hub id or directory name, e.g. mit-han-lab/dc-ae-f32c32-in-1.0-diffusers."""
-    from dcae.presets import published_presets
-
-    base = str(path_or_id).rstrip("/").split("/")[-1].removesuffix("-diffusers")
-    return base if base in published_presets() else None
-
-
-def infer_efficientvit_config(state: dict[str, torch.Tensor], hint: str | None, source: str) -> DCAEConfig:
-    """The preset whose efficientvit keys and shapes match exactly (in and mix share a topology: the hint decides)."""
-    from dcae.presets import get_config, list_presets
-
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    candidates = ([hint] if hint else []) + list_presets()
-    for name in candidates:
-        config = get_config(name)
-        try:
-            reference = {efficientvit_key(k, config): tuple(v.shape) for k, v in _meta_state(config).items()}
-        except DCAEError:
-            continue
-        if reference == shapes:
-            return config
-    raise DCAEError(f"{source}: efficientvit checkpoint matches no known preset and carries no config; "
-                    "pass config=DCAEConfig(...) or a config.json beside it")
 
 
 MAX_PARAMETERS = 4_000_000_000  # 16 GB of fp32 weights; the largest published DC-AE (f128c512) has 1.1B
@@ -394,127 +403,17 @@ def _meta_state(config: DCAEConfig) -> dict[str, torch.Tensor]:
         return DCAE(config).state_dict()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Loading
-# ----------------------------------------------------------------------------------------------------------------------
-def load_pretrained(path_or_id: str | Path, *, config: DCAEConfig | None = None, allow_pickle: bool = False,
-                    weights: str = "model", revision: str | None = None) -> DCAE:
-    """Load a model from a file, a directory (dcae / diffusers / efficientvit / a training run) or a Hub id.
-
-    weights: "model" or "ema" (a training run directory keeps both).
-    """
-    path = Path(path_or_id).expanduser()
-    if not path.exists():
-        if _looks_like_hub_id(str(path_or_id)):
-            path = _download(str(path_or_id), revision)
-        else:
-            raise DCAEError(f"{path_or_id}: no such file or directory")
-    hint = _name_hint(str(path_or_id))
-    if path.is_dir():
-        return _load_directory(path, config, allow_pickle, weights, hint)
-    return _load_file(path, config, allow_pickle, hint, path.parent / "config.json")
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text)) and not text.endswith(".safetensors")
-
-
-def _download(repo_id: str, revision: str | None) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(repo_id=repo_id, revision=revision,
-                                  allow_patterns=["*.json", "*.safetensors"])
-    except Exception as error:  # offline, unknown repo, gated repo, network errors: all end the same way for a user
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DCAEError(f"could not fetch {repo_id!r} from the Hugging Face Hub ({reason[:200]}); "
-                        f"download it where you have a network and pass its local directory instead, "
-                        f"e.g. DCAE.from_pretrained('/path/to/{repo_id.split('/')[-1]}')") from None
-    return Path(local)
-
-
-def _load_directory(path: Path, config: DCAEConfig | None, allow_pickle: bool, weights: str,
-                    hint: str | None) -> DCAE:
-    if weights not in ("model", "ema"):
-        raise ValueError(f"weights must be 'model' or 'ema', got {weights!r}")
-    candidates = [path / f"{weights}.safetensors"] if weights == "ema" else [path / DCAE_WEIGHTS,
-                                                                             path / DIFFUSERS_WEIGHTS]
-    for file in candidates:
-        if file.exists():
-            return _load_file(file, config, allow_pickle, hint, path / "config.json")
-    if allow_pickle:
-        pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            return _load_file(pickles[0], config, allow_pickle, hint, path / "config.json")
-    names = ", ".join(str(c.name) for c in candidates)
-    raise DCAEError(f"{path}: no checkpoint found (looked for {names})")
-
-
-def _load_file(path: Path, config: DCAEConfig | None, allow_pickle: bool, hint: str | None,
-               config_json: Path) -> DCAE:
-    source = str(path)
-    metadata: dict[str, str] = {}
-    if path.suffix in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise DCAEError(f"{path}: pickle checkpoints are not loaded by default (they can run code); convert it to "
-                            "safetensors, or pass allow_pickle=True / --allow-pickle to read it with "
-                            "torch.load(weights_only=True)")
-        state = read_pickle_checkpoint(path)
-    else:
-        state, metadata = read_safetensors(path)
-    layout = _detect_layout(state, metadata, config_json)
-    if config is None:
-        config = _resolve_config(layout, metadata, config_json, state, hint, source)
-    check_model_size(config, source)
-    if layout == "diffusers":
-        state = from_diffusers(state, config, source)
-    elif layout == "efficientvit":
-        state = from_efficientvit(state, config, source)
-    check_shapes(state, _meta_shapes(config), source)  # the model built next is no larger than the file's tensors
-    model = DCAE(config)
-    load_state_dict_strict(model, state, source)
-    return model
-
-
-def _detect_layout(state: dict[str, torch.Tensor], metadata: dict[str, str], config_json: Path) -> str:
-    declared = metadata.get("dcae_format")
-    if declared in FORMATS:
-        return declared
-    keys = list(state)
-    if any(".op_list." in k for k in keys):
-        return "efficientvit"
-    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.", "encoder.conv_in.")) for k in keys):
-        return "diffusers"
-    return "dcae"
-
-
-def _resolve_config(layout: str, metadata: dict[str, str], config_json: Path, state: dict[str, torch.Tensor],
-                    hint: str | None, source: str) -> DCAEConfig:
-    from dcae.presets import get_config
-
-    if "dcae_config" in metadata:
-        return _config_from_json_text(metadata["dcae_config"], source)
-    if layout == "diffusers":
-        if not config_json.exists():
-            raise DCAEError(f"{source}: diffusers checkpoint without its config.json")
-        config = config_from_diffusers(read_json(config_json), hint or "custom", str(config_json))
-        if hint:  # a published model: keep the preset's exact config (identical topology) and name
-            preset = get_config(hint)
-            if _meta_shapes(preset) == _meta_shapes(config):
-                return preset
-        return config
-    if config_json.exists():
-        data = read_json(config_json)
-        if data.get("_class_name") == "AutoencoderDC":
-            return config_from_diffusers(data, hint or "custom", str(config_json))
-        if "encoder" in data and "decoder" in data:
-            return _config_from_json_text(json.dumps(data), str(config_json))
+def layout_shapes(config: DCAEConfig, layout: str) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of a config's checkpoint in one of FORMATS, from the meta device (nothing allocated)."""
+    state = _meta_state(config)
     if layout == "efficientvit":
-        return infer_efficientvit_config(state, hint, source)
-    raise DCAEError(f"{source}: checkpoint carries no config (no safetensors metadata, no config.json beside it)")
+        return {efficientvit_key(k, config): tuple(v.shape) for k, v in state.items()}
+    if layout == "diffusers":
+        return {k: tuple(v.shape) for k, v in to_diffusers(state).items()}
+    return {k: tuple(v.shape) for k, v in state.items()}
 
 
-def _meta_shapes(config: DCAEConfig) -> dict[str, tuple[int, ...]]:
+def meta_shapes(config: DCAEConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in _meta_state(config).items()}
 
 
@@ -537,6 +436,7 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
             raise DCAEError(f"{source}: tensor {k!r} has dtype {v.dtype}, expected {target.dtype}")
         converted[k] = v.to(target.dtype)
     model.load_state_dict(converted, strict=True)
+
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -609,11 +509,3 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default-f32c32
 def default_model_path() -> Path | None:
     """The small model shipped inside the package (see its MODEL_CARD.md), or None if this install lacks it."""
     return DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / DCAE_WEIGHTS).exists() else None
-
-
-def load_default_model() -> DCAE:
-    path = default_model_path()
-    if path is None:
-        raise DCAEError("this dcae install has no embedded default model; pass --model DIR (a save_pretrained "
-                        "directory, a checkpoint file or a Hub id)")
-    return load_pretrained(path)

@@ -6,10 +6,14 @@ import torch
 
 import dcae
 from dcae.autoencoder import DCAE
+from dcae.errors import DCAEError
 from dcae.nn import channel_to_space_shortcut, space_to_channel_shortcut
 from dcae.presets import get_config, published_presets
 
-TINY = [n for n in dcae.list_presets() if "tiny" in n]
+# Forward/backward for every tiny preset, and for the twins of the original two (the 1.5 tinies' twins change the
+# same shortcut wiring; they are built on the meta device below, which keeps the default suite short).
+TINY = [n for n in dcae.list_presets(include_variants=False) if "tiny" in n] + [
+    n + suffix for n in ("dc-ae-tiny-f32c32", "dc-ae-tiny-f64c128") for suffix in ("-plain", "-conv-shortcut")]
 ALL = dcae.list_presets()
 
 
@@ -56,7 +60,7 @@ def test_plain_twin_differs_only_in_shortcuts(name):
     # The residual-autoencoding shortcuts are parameter-free: same tensors, same shapes.
     assert {k: v.shape for k, v in base.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
     b, p = get_config(name), get_config(name + "-plain")
-    assert (b.encoder.downsample_shortcut, b.encoder.out_shortcut) == ("averaging", True)
+    assert (b.encoder.downsample_shortcut, b.decoder.upsample_shortcut) == ("averaging", "duplicating")
     assert (p.encoder.downsample_shortcut, p.encoder.out_shortcut) == (None, False)
     assert (p.decoder.upsample_shortcut, p.decoder.in_shortcut) == (None, False)
     assert b.encoder.width_list == p.encoder.width_list and b.decoder.depth_list == p.decoder.depth_list
@@ -90,9 +94,30 @@ def test_published_f32c32_size_matches_reference():
     assert round(total / 1e6, 1) == 323.4
 
 
+# The published models whose authors published no scaling factor (DC-Gen's configs set none; no diffusers config
+# in the reference sources): `dcae info` says so and names `dcae scaling-factor`.
+UNPUBLISHED_FACTOR = {"dc-ae-f32c32-in-1.0-256px", "dc-ae-f32c128-1.1", "dc-ae-f32c128-1.5", "dc-ae-f64c128-1.5"}
+
+
 @pytest.mark.parametrize("name", published_presets())
-def test_published_presets_carry_scaling_factor(name):
-    assert get_config(name).scaling_factor is not None
+def test_published_presets_carry_the_published_scaling_factor(name):
+    expected = {"dc-ae-f32c32-in-1.0": 0.3189, "dc-ae-f32c32-mix-1.0": 0.4552, "dc-ae-f64c128-in-1.0": 0.2889,
+                "dc-ae-f64c128-mix-1.0": 0.4538, "dc-ae-f128c512-in-1.0": 0.4883, "dc-ae-f128c512-mix-1.0": 0.3620,
+                "dc-ae-f32c32-sana-1.0": 0.41407, "dc-ae-f32c32-sana-1.1": 0.41407,
+                "dc-ae-lite-f32c32-sana-1.1": 0.41407}
+    assert get_config(name).scaling_factor == expected.get(name)
+    assert (name in UNPUBLISHED_FACTOR) == (name not in expected)
+
+
+def test_info_names_the_command_for_an_unpublished_factor(capsys):
+    from dcae.cli import main
+
+    assert main(["info", "dc-ae-f32c128-1.5"]) == 0
+    out = capsys.readouterr().out
+    assert "not published" in out and "dcae scaling-factor" in out
+    assert main(["info"]) == 0
+    listing = capsys.readouterr().out
+    assert "dc-ae-lite-f32c32-sana-1.1" in listing and "0.41407" in listing
 
 
 def test_tiny_presets_are_small():
@@ -104,8 +129,11 @@ def test_tiny_presets_are_small():
 def test_create_model_overrides_and_unknown():
     model = dcae.create_model("dc-ae-tiny-f32c32", scaling_factor=0.5)
     assert model.scaling_factor == 0.5
-    with pytest.raises(KeyError, match="unknown preset"):
+    with pytest.raises(DCAEError, match="unknown preset 'dc-ae-f16c999'") as info:
         dcae.create_model("dc-ae-f16c999")
+    assert "\n" not in str(info.value)
+    with pytest.raises(DCAEError, match="did you mean .*dc-ae-f32c32-sana-1.0"):
+        get_config("dc-ae-f32c32-sana-1.O")
 
 
 def test_linear_and_quadratic_attention_agree():
@@ -152,3 +180,43 @@ def test_rms_norm_fused_channels_last_path_matches_the_plain_one(dtype, scale, t
     grads = [torch.autograd.grad(norm(v).square().sum(), x32)[0]
              for v in (x32, x32.contiguous(memory_format=torch.channels_last))]
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_structured_latent_prefix_and_zero_padding():
+    """DC-AE 1.5 (DC-Gen Adaptive{Output,Input}ConvLayer): encoding k channels gives the first k of the full latent,
+    and decoding k channels equals decoding them zero-padded to c (the input conv's first k input channels)."""
+    torch.manual_seed(0)
+    model = dcae.create_model("dc-ae-tiny-f32c128-1.5").eval()
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        z = model.encode(x)  # (1, 128, 2, 2)
+        for k in (1, 16, 127):
+            zk = model.encode(x, channels=k)
+            assert zk.shape == (1, k, 2, 2)
+            assert torch.allclose(zk, z[:, :k], atol=1e-6, rtol=0)
+            padded = torch.cat([zk, torch.zeros(1, 128 - k, 2, 2)], dim=1)
+            y_k, y_pad = model.decode(zk), model.decode(padded)
+            assert (y_k - y_pad).abs().max() <= 1e-5, k
+        assert not torch.allclose(model.decode(z[:, :16]), model.decode(z), atol=1e-3), "the rest of c matters"
+
+
+def test_structured_latent_refused_where_the_model_has_none():
+    model = dcae.create_model("dc-ae-tiny-f32c32")
+    x = torch.zeros(1, 3, 32, 32)
+    with pytest.raises(DCAEError, match="no structured latent"):
+        model.encode(x, channels=8)
+    with pytest.raises(ValueError, match="expected"):
+        model.decode(torch.zeros(1, 8, 1, 1))
+    with pytest.raises(DCAEError, match="from 1 to 128"):
+        dcae.create_model("dc-ae-tiny-f32c128-1.5").encode(torch.zeros(1, 3, 32, 32), channels=129)
+    with pytest.raises(ValueError, match="structured_latent needs"):
+        get_config("dc-ae-tiny-f32c32", structured_latent=True).validate()
+
+
+def test_docs_model_table_is_generated_and_current():
+    from pathlib import Path
+
+    from scripts.model_table import BEGIN, END, table
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text(encoding="utf-8")
+    assert f"{BEGIN}\n{table()}{END}" in text, "run: python -m scripts.model_table"

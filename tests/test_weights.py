@@ -223,3 +223,75 @@ def test_fp16_storage_keeps_batchnorm_statistics_fp32(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask, "permissions follow the umask"
+
+
+def test_configless_efficientvit_file_is_recognised_and_a_partial_one_named(tmp_path):
+    """A file as the authors publish them (efficientvit keys, no metadata, no config.json) is recognised from its keys
+    and shapes; a partial one gets one line naming the nearest preset and what differs."""
+    from dcae.weights import to_efficientvit
+
+    model = tiny()
+    state = {k: v.contiguous() for k, v in to_efficientvit(model.state_dict(), model.config).items()}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    loaded = DCAE.from_pretrained(tmp_path / "model.safetensors")
+    assert loaded.config.name == "dc-ae-tiny-f32c32"
+    assert_same_state(model, loaded)
+    state.pop(next(k for k in state if k.startswith("decoder.project_in")))
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(DCAEError, match="nearest is dc-ae-tiny-f32c32 \\(1 missing, e.g. decoder.project_in") as info:
+        DCAE.from_pretrained(tmp_path / "model.safetensors")
+    assert "\n" not in str(info.value)
+
+
+def test_published_name_hint_picks_among_shared_topologies():
+    from dcae.presets import name_hint
+
+    assert name_hint("mit-han-lab/dc-ae-f32c32-mix-1.0-diffusers") == "dc-ae-f32c32-mix-1.0"
+    assert name_hint("/models/dc-ae-f32c32-sana-1.1/model.safetensors") == "dc-ae-f32c32-sana-1.1"
+    assert name_hint("dc-ai/dc-ae-lite-f32c32-diffusers") == "dc-ae-lite-f32c32-sana-1.1"
+    assert name_hint("/models/my-autoencoder") is None
+
+
+def test_unmeasured_scaling_factor_is_explicit_in_the_diffusers_export(tmp_path):
+    with pytest.warns(UserWarning, match="dcae scaling-factor"):
+        tiny().save_pretrained(tmp_path, format="diffusers")
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["scaling_factor"] == 1.0 and config["_dcae_unmeasured_scaling_factor"] is True
+    assert DCAE.from_pretrained(tmp_path).config.scaling_factor is None
+    measured = dcae.create_model("dc-ae-tiny-f32c32", scaling_factor=0.25)
+    measured.save_pretrained(tmp_path / "m", format="diffusers")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["scaling_factor"] == 0.25 and "_dcae_unmeasured_scaling_factor" not in config
+
+
+def test_scaling_factor_command_is_one_over_rms(tmp_path, capsys, data_dir):
+    from dcae.data import center_crop, load_image_file
+    from dcae.images import find_images, to_model_range
+
+    torch.manual_seed(0)
+    model = tiny()
+    model.save_pretrained(tmp_path / "m")
+    assert main(["scaling-factor", "--model", str(tmp_path / "m"), "--data", str(data_dir / "kodak24"),
+                 "--limit", "2", "--resolution", "64", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    files = [p for p, _ in find_images([data_dir / "kodak24"])][:2]
+    with torch.no_grad():
+        z = model.encode(to_model_range(torch.stack([center_crop(load_image_file(p), 64) for p in files])))
+    assert result["images"] == 2 and result["latent_values"] == z.numel()
+    assert result["scaling_factor"] == pytest.approx(1 / z.double().square().mean().sqrt().item(), rel=1e-5)
+    assert result["inverse_std"] == pytest.approx(1 / z.double().std(unbiased=False).item(), rel=1e-5)
+
+
+def test_channels_option_on_structured_and_plain_models(tmp_path, capsys, data_dir):
+    image = str(sorted((data_dir / "kodak24").glob("*.png"))[0])
+    assert main(["encode", image, "-o", str(tmp_path / "z"), "--model", "dc-ae-tiny-f32c128-1.5",
+                 "--channels", "16"]) == 0
+    latent, _ = read_safetensors(next((tmp_path / "z").iterdir()))
+    assert latent["latent"].shape[0] == 16
+    assert main(["reconstruct", image, "-o", str(tmp_path / "r"), "--model", "dc-ae-tiny-f32c128-1.5",
+                 "--channels", "16"]) == 0
+    assert "f32c16" in capsys.readouterr().out
+    assert main(["reconstruct", image, "-o", str(tmp_path / "r2"), "--model", "dc-ae-tiny-f32c32",
+                 "--channels", "8"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # after the random-weights warning
+    assert error.startswith("dcae reconstruct: error:") and "no structured latent" in error

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from dcae.commands.reconstruct import (DTYPES, Progress, add_model_arguments, autocast, batches, load_images,
                                        one_line, plan_jobs, prepare, report_error)
+from dcae.autoencoder import check_latent_channels
 from dcae.errors import DCAEError
 from dcae.images import DEFAULT_MAX_PIXELS, to_model_range
 from dcae.tiling import encode_image, latent_metadata, padding_for, resolve_tile, write_latent
@@ -22,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"refuse larger images, a decompression-bomb guard (default {DEFAULT_MAX_PIXELS})")
     parser.add_argument("--keep-alpha", action="store_true",
                         help="store an input's alpha channel (uint8) beside the latent; decode restores it")
+    parser.add_argument("--channels", type=int, default=None, metavar="K",
+                        help="keep only the first K latent channels (structured-latent models: DC-AE 1.5)")
     add_model_arguments(parser)
 
 
@@ -29,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
     command = "encode"
     device, model, model_id, budget = prepare(args, command, ("encode",))
     factor = model.spatial_factor
+    if args.channels is not None:
+        check_latent_channels(model.config, args.channels)
     jobs, failures = plan_jobs(args.inputs, args.output, ".safetensors", command)
     progress = Progress.start(len(jobs), "img")
     done = 0
@@ -45,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
                     x = x.to(device)
                 with autocast(device, args.dtype):
                     z = encode_image(model, x, tile=args.tile, overlap=args.overlap, budget=budget).cpu()  # (B,c,h,w)
+                z = z[:, :args.channels]  # structured latent: the first K channels are what encode(channels=K) gives
                 if not torch.isfinite(z).all():
                     raise DCAEError("the latent has NaN/Inf values (fp16 overflow? try --dtype bf16 or fp32)")
             except (DCAEError, RuntimeError, MemoryError, ValueError) as error:
@@ -55,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             dtype = DTYPES[args.dtype]
             for i, item in enumerate(batch):
                 metadata = latent_metadata(model, model_id, (height, width), dtype, source=str(item.job.relative),
-                                           tile=str(args.tile))
+                                           tile=str(args.tile), latent_channels=str(z.shape[1]))
                 alpha = item.alpha if args.keep_alpha else None
                 try:
                     write_latent(item.job.output, z[i].to(dtype), metadata, alpha)

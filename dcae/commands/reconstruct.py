@@ -288,17 +288,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"refuse larger images, a decompression-bomb guard (default {DEFAULT_MAX_PIXELS})")
     add_model_arguments(parser)
     add_output_arguments(parser)
+    parser.add_argument("--channels", type=int, default=None, metavar="K",
+                        help="decode only the first K latent channels (structured-latent models: DC-AE 1.5)")
 
 
 def reconstruct(model: torch.nn.Module, rgb: torch.Tensor, device: torch.device, tile: str, overlap: int | None,
-                budget: MemoryBudget | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
+                budget: MemoryBudget | None = None, channels: int | None = None
+                ) -> tuple[torch.Tensor, tuple[int, ...]]:
     """(B, 3, H, W) uint8 -> ((B, 3, H, W) uint8 reconstruction, latent shape (c, h, w)); call under inference_mode."""
     height, width = rgb.shape[-2:]
     x = to_model_range(rgb)
     if resolve_tile(tile, *(s + p for s, p in zip((height, width), padding_for(height, width, model.spatial_factor))),
                     model.spatial_factor, overlap, budget) is None:
         x = x.to(device)  # whole image on the device; tiled runs move one tile at a time
-    z = encode_image(model, x, tile=tile, overlap=overlap, budget=budget)  # (B, c, h, w)
+    z = encode_image(model, x, tile=tile, overlap=overlap, budget=budget)[:, :channels]  # (B, c or K, h, w)
     if not torch.isfinite(z).all():
         raise DCAEError("the latent has NaN/Inf values (fp16 overflow? try --dtype bf16 or fp32)")
     y = decode_latent(model, z, size=(height, width), tile=tile, overlap=overlap, budget=budget)  # (B, 3, H, W)
@@ -333,7 +336,10 @@ def _output_image(rgb: torch.Tensor, out: torch.Tensor, alpha: torch.Tensor | No
 def run(args: argparse.Namespace) -> int:
     command = "reconstruct"
     device, model, model_id, budget = prepare(args, command, ("encode", "decode"))
-    factor, channels = model.spatial_factor, model.latent_channels
+    factor, channels = model.spatial_factor, args.channels or model.latent_channels
+    if args.channels is not None:
+        from dcae.autoencoder import check_latent_channels
+        check_latent_channels(model.config, args.channels)
     jobs, failures = plan_jobs(args.inputs, args.output, "." + args.format, command)
     progress = Progress.start(len(jobs), "img")
     psnrs: list[float] = []
@@ -349,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
             try:
                 with autocast(device, args.dtype), warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)  # e.g. autocast dtype notes, once per batch
-                    out, latent_shape = reconstruct(model, rgb, device, args.tile, args.overlap, budget)
+                    out, latent_shape = reconstruct(model, rgb, device, args.tile, args.overlap, budget, args.channels)
                 batch_psnr, batch_ssim = image_metrics(rgb, out)
             except (DCAEError, RuntimeError, MemoryError, ValueError) as error:
                 for item in batch:
