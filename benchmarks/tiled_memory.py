@@ -32,6 +32,7 @@ import torch
 import dcae
 from dcae.images import from_model_range, read_image, to_model_range
 from dcae.metrics import psnr
+from dcae.provenance import file_sha256, model_file, provenance
 from dcae.tiling import MemoryBudget, activation_bytes_per_pixel, decode_latent, encode_image, resolve_tile, tile_spans
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,7 +145,7 @@ def quality_benchmark(args: argparse.Namespace) -> list[dict]:
     """PSNR(tiled, untiled) of encode+decode reconstructions of Kodak images for several tile/overlap settings."""
     images = [read_image(DATA / "kodak24" / name) for name in args.kodak]
     models = [("dc-ae-tiny-f32c32 (random weights)", "dc-ae-tiny-f32c32")]
-    models += [(f"{Path(p).name} (checkpoint)", p) for p in args.trained]
+    models += [(f"{Path(p).name} (sha256 {file_sha256(model_file(p))[:12]})", p) for p in args.trained]
     rows = []
     for label, spec in models:
         torch.manual_seed(0)
@@ -253,7 +254,8 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {mem_available_gb():.0f} GB available",
-              "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "args": vars(args)}
+              "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "args": vars(args),
+              "provenance": provenance({Path(p).name: p for p in args.trained})}
     json_path = Path(args.json)
     if json_path.exists():  # keep the sections this run skips
         previous = json.loads(json_path.read_text())

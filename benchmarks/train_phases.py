@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from dcae.provenance import provenance
+
 REPO = Path(__file__).resolve().parents[1]
 BSDS_VAL = REPO.parent / "shared" / "data" / "bsds500" / "val"
 BEGIN, END = "<!-- BEGIN benchmarks/train_phases.py -->", "<!-- END benchmarks/train_phases.py -->"
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = (torch.cuda.get_device_name() if args.device == "cuda"
                else f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores")
     report = {**base, "torch": torch.__version__, "machine": machine, "cases": cases,
-              "parameter_sets": parameter_sets(args.param_presets)}
+              "parameter_sets": parameter_sets(args.param_presets), "provenance": provenance(device=args.device)}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)

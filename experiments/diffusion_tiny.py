@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from dcae.provenance import provenance
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "bsds500"
 
@@ -123,6 +125,7 @@ def main() -> int:
         "reference_gfid_same_sample_size": reference_fids(args.model, args.samples, args.resolution,
                                                           start["scaling_factor"], args.seed),
         "samples_dir": str(samples), "torch": torch.__version__,
+        "provenance": provenance({"autoencoder": args.model} if Path(args.model).exists() else {}),
     }
     out = REPO / args.out
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from dcae.autoencoder import DCAE
 from dcae.images import find_images, read_image, to_model_range
 from dcae.metrics import psnr, quantize, ssim
 from dcae.perceptual import LPIPS
+from dcae.provenance import provenance
 from dcae.tiling import tiled_decode, tiled_encode
 
 KODAK = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kodak24"
@@ -37,6 +38,12 @@ def bicubic_baseline(image: torch.Tensor, shrink: float) -> torch.Tensor:
     small = pil.resize((max(1, round(w / shrink)), max(1, round(h / shrink))), Image.BICUBIC)
     back = np.asarray(small.resize((w, h), Image.BICUBIC))
     return torch.from_numpy(back.copy()).permute(2, 0, 1).float() / 255
+
+
+def _relative(path: str) -> str:
+    """A data folder as a path under the shared data root when it is one (machine-independent)."""
+    resolved = Path(path).resolve()
+    return resolved.relative_to(KODAK.parent).as_posix() if resolved.is_relative_to(KODAK.parent) else path
 
 
 def main() -> int:
@@ -78,7 +85,8 @@ def main() -> int:
     result = {"model": args.model, "weights": args.weights, "tile": args.tile, "preset": config.name,
               "latent": f"f{config.spatial_factor}c{config.latent_channels}",
               "bicubic_shrink_per_side": shrink, "n": len(rows), "seconds": time.time() - start,
-              "mean": summary, "rows": rows}
+              "data": _relative(args.data), "mean": summary, "rows": rows,
+              "provenance": provenance({"model": args.model}, weights=args.weights)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
