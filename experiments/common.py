@@ -39,7 +39,7 @@ DATA = REPO.parent / "shared" / "data"
 BSDS = DATA / "bsds500"
 EVAL_SETS = {"kodak24": DATA / "kodak24", "sunhays80": DATA / "sunhays80"}  # evaluation only: never trained on
 TRAIN_FOLDER = Path("runs/data/bsds500-train+test")  # relative to the repository root, like runs/
-SMOKE_BUDGET_MIN = 5.0  # a run with a smaller per-run budget is labelled a smoke run in the report
+SMOKE_BUDGET_MIN = 1.0  # a run with a smaller per-run budget is labelled a smoke run in the report
 
 # Phase-1 recipe for the tiny presets on a CPU (experiments/train_default.py): the paper's lr 6.4e-5 is far too slow
 # for runs of tens of minutes, so lr is 1e-3; later phases keep the paper's ratio to it (1.6e-5 / 6.4e-5 = 1/4 for
