@@ -430,10 +430,13 @@ def _trainable(arm: Arm) -> str:
 
 
 def _init_changed(init: dict[str, Any]) -> str:
-    """A note when the file a study started from has changed since (e.g. the embedded default was retrained)."""
+    """A note when the model a study started from is not the file there now (e.g. the embedded default retrained)."""
     from experiments.common import file_sha256
 
-    weights = REPO / init["source"] / "model.safetensors"
+    source, _, commit = init["source"].partition("@")
+    if commit:
+        return f" (the version committed in {commit}, since replaced: `git show {commit}:{source}/model.safetensors`)"
+    weights = REPO / source / "model.safetensors"
     if not weights.is_file() or file_sha256(weights) == init["sha256"]:
         return ""
     return (f" (an earlier version of that model: the file there now has another hash; git history holds the one "
