@@ -62,10 +62,21 @@ def provenance(models: Mapping[str, str | Path] | None = None, *, weights: str =
         file = model_file(path, weights)
         files[name] = {"path": _relative(file), "sha256": file_sha256(file) if file.is_file() else None,
                        "embedded_default": file.resolve() == EMBEDDED_DEFAULT.resolve()}
-    argv = [_relative(Path(sys.argv[0])) if Path(sys.argv[0]).is_file() else sys.argv[0], *sys.argv[1:]] if sys.argv else []
-    return {"command": shlex.join([Path(sys.executable).name, *argv]), **git_state(),
+    return {"command": command_line(), **git_state(),
             "models": files, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "machine": hardware_record(device)}
+
+
+def command_line() -> str:
+    """This process's command line as typed from the repository root (`python -m module` kept as such)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        head = ["-m", spec.name.removesuffix(".__main__")]
+    elif sys.argv and Path(sys.argv[0]).is_file():
+        head = [_relative(Path(sys.argv[0]))]
+    else:
+        head = sys.argv[:1]
+    return shlex.join([Path(sys.executable).name, *head, *sys.argv[1:]])
 
 
 def _relative(path: Path) -> str:
