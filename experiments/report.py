@@ -638,7 +638,10 @@ def render(results_dir: Path, out: Path, figures: Path) -> str:
         if results.get("smoke"):
             verdicts = ["- Smoke run: no verdict."]
         text += ["**Verdict.**", "", *verdicts, ""] + commands_block(results)
-        summary += [f"- {study.title}:"] + [f"  {v}" for v in verdicts if v.startswith("- **")]
+        settings = results["settings"]
+        seeds = sorted({arm["seed"] for arm in results["arms"]})
+        summary += [f"- {study.title} ({settings['budget_min']:g} min per training run, seeds "
+                    f"{', '.join(map(str, seeds))}):"] + [f"  {v}" for v in verdicts if v.startswith("- **")]
     text += ["## Summary", "", *summary, ""]
     return "\n".join(text)
 
