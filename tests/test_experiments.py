@@ -305,3 +305,22 @@ def test_strict_skips_turn_skips_into_failures(monkeypatch):
     relaxed = Report("shared data missing")
     conftest._strict(relaxed)
     assert relaxed.outcome == "skipped"
+
+
+def test_the_embedded_default_tables_are_the_recorded_numbers():
+    """README's and the model card's Kodak24 tables print results/default_model.json, which describes the shipped
+    file (the hash test above); so neither table can keep the numbers of a model that was replaced."""
+    import re
+
+    recorded = json.loads((REPO / "results" / "default_model.json").read_text())["mean"]
+
+    def row(text: str, label: str) -> list[float]:
+        line = next(line for line in text.splitlines() if line.startswith(f"| {label} |"))
+        return [float(v) for v in re.findall(r"\| ([0-9.]+)(?= )", line)]
+
+    readme = (REPO / "README.md").read_text()
+    assert row(readme, "embedded f32c32 model") == [round(recorded["dcae_psnr"], 2), round(recorded["dcae_ssim"], 4),
+                                                    round(recorded["dcae_lpips"], 3)]
+    card = (REPO / EMBEDDED / "MODEL_CARD.md").read_text()
+    assert row(card, "this model") == [round(recorded[k], d) for k, d in
+                                       (("dcae_psnr", 2), ("dcae_ssim", 4), ("dcae_lpips", 4))]
