@@ -588,7 +588,9 @@ of the two arms' standard deviations) reads "not resolved at this budget"; with 
 "not resolved (N seed)", whatever the gap. There are no fixed tie bands: an earlier version of this report ruled on
 one seed with bands of 0.1 dB / 0.005 LPIPS / 1.0 rFID, tighter than its own run-to-run noise. An rFID over 24 or
 80 images is mostly bias: it is printed for completeness and never decides a verdict. The data these verdicts read
-(Kodak24, Sun-Hays80) chose nothing: no model or setting in this report was selected on them.
+(Kodak24, Sun-Hays80) chose nothing: no model or setting in this report was selected on them. A verdict holds only
+for the budget its study states (the Run line, the steps column and the summary): the 3-seed reruns had minutes per
+arm on a CPU shared with other jobs, so they speak of the first few dozen steps of training, not of trained models.
 """
 
 
