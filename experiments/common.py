@@ -32,12 +32,14 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from dcae.provenance import file_sha256, provenance
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 BSDS = DATA / "bsds500"
 EVAL_SETS = {"kodak24": DATA / "kodak24", "sunhays80": DATA / "sunhays80"}  # evaluation only: never trained on
 TRAIN_FOLDER = Path("runs/data/bsds500-train+test")  # relative to the repository root, like runs/
-SMOKE_BUDGET_MIN = 5.0  # a run with a smaller per-run budget is labelled a smoke run in the report
+SMOKE_BUDGET_MIN = 1.0  # a run with a smaller per-run budget is labelled a smoke run in the report
 
 # Phase-1 recipe for the tiny presets on a CPU (experiments/train_default.py): the paper's lr 6.4e-5 is far too slow
 # for runs of tens of minutes, so lr is 1e-3; later phases keep the paper's ratio to it (1.6e-5 / 6.4e-5 = 1/4 for
@@ -77,15 +79,6 @@ def training_data() -> tuple[Path, Path]:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Budgeted training
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in 1 MB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def run_key(train_args: list[str], budget_s: float) -> str:
     """Eight hex digits naming a run by everything that decides its result (its arguments and budget)."""
     text = json.dumps({"args": train_args, "budget_s": round(budget_s, 3)})
@@ -390,9 +383,10 @@ def study_parser(description: str, out: str, resolution: int = 128) -> argparse.
     return parser
 
 
-def new_results(study: str, args: argparse.Namespace, claim: str) -> dict[str, Any]:
-    """The header every results JSON starts with."""
-    return {"study": study, "claim": claim, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+def new_results(study: str, args: argparse.Namespace, claim: str,
+                models: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The header every results JSON starts with (`provenance`: dcae/provenance.py; `models`: files it starts from)."""
+    return {"provenance": provenance(models), "study": study, "claim": claim, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "command": shlex.join([Path(sys.executable).name, "-m", f"experiments.{study}", *sys.argv[1:]]),
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "smoke": args.budget_min < SMOKE_BUDGET_MIN or args.eval_limit is not None,
@@ -438,6 +432,8 @@ def make_arm(name: str, seed: int, trains: list[dict[str, Any]], specs: list[str
              **extra: Any) -> dict[str, Any]:
     """One configuration's record: its training chain (base run first) and its metrics on each eval spec."""
     run_dir = Path(trains[-1]["run_dir"])
+    weights = weights_file(run_dir, args.weights)
     return {"name": name, "seed": seed, "run_dir": str(run_dir), "train": trains,
+            "weights_sha256": file_sha256(weights) if weights.is_file() else None,
             "train_wall_s": sum(t["used_s"] for t in trains), "train_loop_s": sum(t["loop_s"] for t in trains),
             "eval": {spec: evaluate(run_dir, spec, args.weights, args.eval_limit) for spec in specs}, **extra}

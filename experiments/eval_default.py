@@ -25,6 +25,7 @@ from dcae.autoencoder import DCAE
 from dcae.images import find_images, read_image, to_model_range
 from dcae.metrics import psnr, quantize, ssim
 from dcae.perceptual import LPIPS
+from dcae.provenance import provenance
 from dcae.tiling import tiled_decode, tiled_encode
 
 KODAK = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kodak24"
@@ -37,6 +38,33 @@ def bicubic_baseline(image: torch.Tensor, shrink: float) -> torch.Tensor:
     small = pil.resize((max(1, round(w / shrink)), max(1, round(h / shrink))), Image.BICUBIC)
     back = np.asarray(small.resize((w, h), Image.BICUBIC))
     return torch.from_numpy(back.copy()).permute(2, 0, 1).float() / 255
+
+
+def evaluate_image(model: DCAE, lpips: LPIPS, image: torch.Tensor, shrink: float, tile: int | None = None,
+                   overlap: int | None = None) -> dict[str, float]:
+    """PSNR/SSIM/LPIPS of the model's reconstruction (through uint8) and of the bicubic baseline, of one uint8 image."""
+    reference = image.float().unsqueeze(0) / 255
+    with torch.inference_mode():
+        x = to_model_range(image).unsqueeze(0)
+        if tile:
+            overlap = tile // 4 if overlap is None else overlap
+            x = tiled_decode(model, tiled_encode(model, x, tile, overlap), tile, overlap)
+        else:
+            x = model(x)
+        recon = quantize(x)  # [0, 1], through uint8
+        bicubic = bicubic_baseline(image, shrink).unsqueeze(0)
+        row = {}
+        for name, out in (("dcae", recon), ("bicubic", bicubic)):
+            row[f"{name}_psnr"] = psnr(out, reference).item()
+            row[f"{name}_ssim"] = ssim(out, reference).item()
+            row[f"{name}_lpips"] = lpips(out * 2 - 1, reference * 2 - 1).item()
+    return row
+
+
+def _relative(path: str) -> str:
+    """A data folder as a path under the shared data root when it is one (machine-independent)."""
+    resolved = Path(path).resolve()
+    return resolved.relative_to(KODAK.parent).as_posix() if resolved.is_relative_to(KODAK.parent) else path
 
 
 def main() -> int:
@@ -56,29 +84,15 @@ def main() -> int:
     shrink = math.sqrt(3 * config.spatial_factor**2 / config.latent_channels)
     rows, start = [], time.time()
     for path, rel in find_images([args.data]):
-        image = read_image(path)  # (3, H, W) uint8
-        reference = image.float().unsqueeze(0) / 255
-        with torch.inference_mode():
-            x = to_model_range(image).unsqueeze(0)
-            if args.tile:
-                overlap = args.tile // 4 if args.overlap is None else args.overlap
-                x = tiled_decode(model, tiled_encode(model, x, args.tile, overlap), args.tile, overlap)
-            else:
-                x = model(x)
-            recon = quantize(x)  # [0, 1], through uint8
-            bicubic = bicubic_baseline(image, shrink).unsqueeze(0)
-            row = {"image": str(rel)}
-            for name, out in (("dcae", recon), ("bicubic", bicubic)):
-                row[f"{name}_psnr"] = psnr(out, reference).item()
-                row[f"{name}_ssim"] = ssim(out, reference).item()
-                row[f"{name}_lpips"] = lpips(out * 2 - 1, reference * 2 - 1).item()
+        row = {"image": str(rel), **evaluate_image(model, lpips, read_image(path), shrink, args.tile, args.overlap)}
         rows.append(row)
         print(f"{rel}: dcae {row['dcae_psnr']:.2f} dB / bicubic {row['bicubic_psnr']:.2f} dB", flush=True)
     summary = {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "image"}
     result = {"model": args.model, "weights": args.weights, "tile": args.tile, "preset": config.name,
               "latent": f"f{config.spatial_factor}c{config.latent_channels}",
               "bicubic_shrink_per_side": shrink, "n": len(rows), "seconds": time.time() - start,
-              "mean": summary, "rows": rows}
+              "data": _relative(args.data), "mean": summary, "rows": rows,
+              "provenance": provenance({"model": args.model}, weights=args.weights)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(summary, indent=2))

