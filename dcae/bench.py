@@ -312,8 +312,9 @@ def run(args: argparse.Namespace) -> int:
           f"dtypes {' '.join(dtypes)}", flush=True)
     rows: list[dict[str, Any]] = []
     case_seconds: dict[str, float] = {}
+    case_cpu_seconds: dict[str, float] = {}  # this process's CPU time: what the case costs a machine of its own
     for resolution in args.resolution:
-        case_start = time.perf_counter()
+        case_start, case_cpu_start = time.perf_counter(), time.process_time()
         x = torch.rand(args.batch_size, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
         z = None  # the decode input: diffusers fp32's latent (dcae's without a peer)
         refs: dict[str, torch.Tensor] = {}
@@ -360,10 +361,11 @@ def run(args: argparse.Namespace) -> int:
                     row["max_abs_diff"] = (out - refs[op]).abs().max().item()
                     row["psnr_vs_fp32"] = psnr_against(refs[op], out)
                 rows.append(row)
+            _add_ratios(rows)
+            for row in rows[-len(measured):]:
+                print(_line(row), flush=True)
         case_seconds[str(resolution)] = time.perf_counter() - case_start
-    _add_ratios(rows)
-    for row in rows:
-        print(_line(row), flush=True)
+        case_cpu_seconds[str(resolution)] = time.process_time() - case_cpu_start
     result = {
         "command": command_line(args),
         "git_commit": commit,
@@ -373,6 +375,7 @@ def run(args: argparse.Namespace) -> int:
         "warmup": args.warmup, "channels_last": not args.no_channels_last, "compile": args.compile,
         "memory_method": "allocator peak (CUDA caching allocator; CPU: profiler memory events of torch's allocator)",
         "gemm_peak_gflops": peaks, "seconds_per_resolution": case_seconds,
+        "cpu_seconds_per_resolution": case_cpu_seconds,
         "total_seconds": time.perf_counter() - started, "rows": rows,
     }
     if args.json:
@@ -467,8 +470,9 @@ def markdown(result: dict[str, Any]) -> str:
         "GEMM peak measured in the same run: "
         + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in result["gemm_peak_gflops"].items()) + ". "
         "Peak MB: tensor memory one call allocates at its peak, above what was live before it (allocator-exact; "
-        "see below). Whole run: " + ", ".join(f"{r} px {s:.0f} s" for r, s in
-                                              result.get("seconds_per_resolution", {}).items()) + ".",
+        "see below). Each resolution's case took (wall / this process's CPU seconds): " + ", ".join(
+            f"{r} px {s:.0f} s / {result.get('cpu_seconds_per_resolution', {}).get(r, float('nan')):.0f} s"
+            for r, s in result.get("seconds_per_resolution", {}).items()) + ".",
         "",
         "| impl | op | dtype | res | images/s | vs diffusers fp32 | vs diffusers same dtype | GFLOP/image | GFLOP/s "
         "| of GEMM peak | peak MB | max abs diff | PSNR vs fp32 |",
