@@ -1,44 +1,105 @@
 """`dcae bench ae`: dcae and diffusers' AutoencoderDC on the same weights, encode and decode, in one run.
 
-Every row reports images/s, its ratio to diffusers fp32 for the same op and resolution, achieved GFLOP/s (FLOPs counted
-with torch.utils.flop_counter) as a fraction of a GEMM peak measured in the same run for that dtype, peak memory, and
-the output difference against diffusers fp32 (max abs diff and PSNR). Times are the median of --repeats rounds after
---warmup runs; each round runs diffusers and every dcae dtype once, in a rotating order, so that load from other
-processes slows them alike. Absolute numbers on a shared machine mean little, ratios from one run mean more.
+Every row reports images/s; its ratio to diffusers fp32 (what a user switching gains) and to diffusers in the same
+dtype (bf16: diffusers under bf16 autocast; the implementation's own gain, not the dtype's); achieved GFLOP/s (FLOPs
+counted with torch.utils.flop_counter) as a fraction of a GEMM peak measured in the same run for that dtype; peak
+memory (see `peak_allocated`); and the output difference against diffusers fp32 (max abs diff and PSNR). Times are the
+median of --repeats rounds after --warmup runs; each round runs every implementation and dtype once, in a rotating
+order, so that load from other processes slows them alike. Absolute numbers on a shared machine mean little, ratios
+from one run mean more; the machine record (CPU ISA, bf16 native or emulated, threads) goes with every result.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
-from dcae.inference import DTYPES, InferenceOptions, decode, encode, prepare_model, resolve_device
+from dcae.inference import (
+    DTYPE_CHOICES,
+    DTYPES,
+    InferenceOptions,
+    bf16_is_native,
+    cpu_isa,
+    decode,
+    encode,
+    hardware_record,
+    prepare_model,
+    resolve_device,
+    resolve_dtype,
+)
+
+MD_BEGIN, MD_END = "<!-- BEGIN dcae bench ae -->", "<!-- END dcae bench ae -->"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="dc-ae-f32c32-in-1.0", help="model preset (random weights)")
     parser.add_argument("--model", help="a checkpoint to use instead of random weights")
     parser.add_argument("--resolution", type=int, nargs="+", default=[256])
-    parser.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--dtype", nargs="+", choices=list(DTYPE_CHOICES), default=["auto"],
+                        help="dcae dtypes to time (default: auto = fp32, plus bf16 where the device runs it natively; "
+                             "bf16 on a CPU that emulates it only when asked, with a warning)")
     parser.add_argument("--ops", nargs="+", choices=["encode", "decode"], default=["encode", "decode"])
-    parser.add_argument("--compare", choices=["diffusers", "none"], default="diffusers")
+    parser.add_argument("--compare", choices=["diffusers", "none"], default="diffusers",
+                        help="diffusers: AutoencoderDC on the same weights, in fp32 and in every other timed dtype")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile dcae's encoder/decoder")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile dcae's encoder/decoder (the first call, reported apart, pays for it)")
     parser.add_argument("--json", help="write the rows here")
-    parser.add_argument("--md", help="write a markdown table here (e.g. docs/speed.md)")
+    parser.add_argument("--md", help="write a markdown table here (between the BEGIN/END dcae bench ae markers if the "
+                                     "file has them, e.g. docs/speed.md)")
+
+
+def bench_dtypes(names: list[str], device: torch.device) -> list[str]:
+    """--dtype names -> dtypes to time. 'auto' is fp32 plus bf16 where native: fp32 always, as the reference row."""
+    out: list[str] = []
+    for name in names:
+        for dtype in (["fp32", resolve_dtype("auto", device)] if name == "auto" else [resolve_dtype(name, device)]):
+            if dtype not in out:
+                out.append(dtype)
+    return out
+
+
+def git_commit(path: Path = Path(__file__).resolve().parent) -> str | None:
+    """The checkout's commit (with '-dirty' when tracked files changed), or None outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def machine_record(device: torch.device) -> dict[str, Any]:
+    """hardware_record (ISA, bf16 native or not, torch, threads) plus the CPU's name and core count."""
+    return {**hardware_record(device), "name": _device_name(device), "cpu_count": os.cpu_count()}
+
+
+def write_markdown(path: Path, block: str, begin: str, end: str) -> None:
+    """Replace the text between the begin/end markers if the file has them (docs/speed.md), else write the file."""
+    text = path.read_text() if path.is_file() else ""
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        block = head + begin + "\n" + block + rest[rest.index(end):]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(block)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -64,13 +125,18 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int, warmup:
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int
-                     ) -> dict[str, float]:
-    """Median seconds of each fn, timed in rounds that run every fn once (in a rotating order): a load that comes
-    and goes on a shared machine then slows every implementation alike instead of whichever ran during it."""
-    for fn in fns.values():
-        for _ in range(warmup):
+                     ) -> tuple[dict[str, float], dict[str, float]]:
+    """(median seconds, first-call seconds) of each fn. Timed in rounds that run every fn once (in a rotating order):
+    a load that comes and goes on a shared machine then slows every implementation alike instead of whichever ran
+    during it. The first call (warm-up) is reported apart: it holds one-off costs such as torch.compile's."""
+    first: dict[str, float] = {}
+    for key, fn in fns.items():
+        for i in range(warmup):
+            start = time.perf_counter()
             fn()
-    sync(device)
+            sync(device)
+            if i == 0:
+                first[key] = time.perf_counter() - start
     times: dict[str, list[float]] = {key: [] for key in fns}
     keys = list(fns)
     for round_ in range(repeats):
@@ -79,7 +145,7 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, re
             fns[key]()
             sync(device)
             times[key].append(time.perf_counter() - start)
-    return {key: statistics.median(values) for key, values in times.items()}
+    return {key: statistics.median(values) for key, values in times.items()}, first
 
 
 def _rss_bytes() -> int:
@@ -96,7 +162,7 @@ def _hwm_bytes() -> int | None:
 
 
 def exact_cpu_memory() -> bool:
-    """Make process RSS follow live tensors: glibc then serves every block over 64 KiB with its own mmap and unmaps
+    """Make process RSS follow live tensors (used by the tiling tests' RSS probe; the bench uses `peak_allocated`): glibc then serves every block over 64 KiB with its own mmap and unmaps
     it on free (no dynamic threshold, no retained heap), so the kernel's high-water mark (VmHWM, reset through
     /proc/self/clear_refs) is the true peak of a call. Costs a page fault per new block: call after the timings."""
     try:
@@ -133,16 +199,54 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
     return -1 if peak is None else max(peak - base, 0)
 
 
-def count_flops(fn: Callable[[], Any]) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
+def peak_allocated(fn: Callable[[], Any], device: torch.device) -> tuple[int, Any]:
+    """(peak bytes of tensor memory allocated above the start of the call, fn's result).
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        fn()
-    return counter.get_total_flops()
+    CUDA: the caching allocator's peak. CPU: every allocation and free that torch's CPU allocator sees (tensors, and
+    oneDNN's buffers and scratchpads, which ideep allocates through it) is recorded by the profiler with its size; the
+    running sum's maximum is the peak. Exact at the allocator, as CUDA's figure is, and it costs no more than one
+    plain call: no page faults, no process-wide malloc tuning (the RSS way's price, see `exact_cpu_memory`).
+    """
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base, out
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # some torch builds print a line on every profiler start and stop
+        prof.start()
+    try:
+        out = fn()
+    finally:
+        with _quiet_stderr():
+            prof.stop()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:  # allocations positive, frees negative
+        live += nbytes
+        peak = max(peak, live)
+    return peak, out
 
 
-def gemm_peak_gflops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 5) -> float:
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def gemm_peak_gflops(dtype: torch.dtype, device: torch.device, size: int = 1024, repeats: int = 10) -> float:
     """Achieved GFLOP/s of a square matmul: the practical ceiling that convolutions are compared with."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
@@ -155,6 +259,15 @@ def psnr_against(reference: torch.Tensor, output: torch.Tensor) -> float:
     mse = (reference.float() - output.float()).square().mean().item()
     peak = (reference.max() - reference.min()).item()
     return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+def count_flops_and_run(fn: Callable[[], Any]) -> tuple[int, Any]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = fn()
+    return counter.get_total_flops(), out
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -183,79 +296,103 @@ def build_models(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    started, commit = time.perf_counter(), git_commit()  # the code that runs, before anyone edits the tree
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    dtypes = bench_dtypes(args.dtype, device)
     model, reference = build_models(args)
     name = model.config.name
     options = {dtype: InferenceOptions(dtype=dtype, device=str(device), channels_last=not args.no_channels_last,
-                                       compile=args.compile) for dtype in args.dtype}
-    fast = prepare_model(model, options[args.dtype[0]])
-    peaks = {dtype: gemm_peak_gflops(DTYPES[dtype], device) for dtype in args.dtype}
+                                       compile=args.compile) for dtype in dtypes}
+    fast = prepare_model(model, options[dtypes[0]])
+    peaks = {dtype: gemm_peak_gflops(DTYPES[dtype], device) for dtype in dict.fromkeys(["fp32", *dtypes])}
+    print(f"dcae bench ae: {name}, {_device_name(device)}, ISA {cpu_isa() if device.type == 'cpu' else device.type}, "
+          f"bf16 {'native' if bf16_is_native(device) else 'emulated'}, {torch.get_num_threads()} threads, "
+          f"dtypes {' '.join(dtypes)}", flush=True)
     rows: list[dict[str, Any]] = []
-    memory_calls: list[tuple[dict[str, Any], Callable[[], Any]]] = []  # measured after all timings
+    case_seconds: dict[str, float] = {}
+    case_cpu_seconds: dict[str, float] = {}  # this process's CPU time: what the case costs a machine of its own
     for resolution in args.resolution:
+        case_start, case_cpu_start = time.perf_counter(), time.process_time()
         x = torch.rand(args.batch_size, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
-        with torch.inference_mode():
-            if reference is not None:
-                z_ref = reference.encode(x.to(device)).latent
-                y_ref = reference.decode(z_ref).sample
-            else:  # no peer: compare against dcae's own fp32 output
-                z_ref = encode(fast, x, InferenceOptions(device=str(device)))
-                y_ref = decode(fast, z_ref, InferenceOptions(device=str(device)))
-        inputs = {"encode": x, "decode": z_ref.float().cpu()}
-        refs = {"encode": z_ref.float().cpu(), "decode": y_ref.float().cpu()}
-        def ours(op: str, opts: InferenceOptions) -> torch.Tensor:
-            return encode(fast, inputs[op], opts) if op == "encode" else decode(fast, inputs[op], opts)
-
-        def theirs(op: str) -> torch.Tensor:
-            value = inputs[op].to(device)
-            return reference.encode(value).latent if op == "encode" else reference.decode(value).sample
-
-        fp32 = InferenceOptions(device=str(device), channels_last=not args.no_channels_last)
-        flops = {op: count_flops(lambda op=op: ours(op, fp32)) / args.batch_size for op in args.ops}
+        z = None  # the decode input: diffusers fp32's latent (dcae's without a peer)
+        refs: dict[str, torch.Tensor] = {}
         for op in args.ops:
-            fns = {dtype: (lambda op=op, opts=opts: ours(op, opts)) for dtype, opts in options.items()}
+            if op == "decode" and z is None:
+                with torch.inference_mode():
+                    z = (reference.encode(x.to(device)).latent if reference is not None
+                         else encode(fast, x, InferenceOptions(device=str(device)))).float().cpu()
+            value = x if op == "encode" else z
+            fns: dict[tuple[str, str], Callable[[], torch.Tensor]] = {}
             if reference is not None:
-                fns["diffusers"] = lambda op=op: theirs(op)
-            with torch.inference_mode():
-                seconds = time_interleaved(fns, device, args.repeats, args.warmup)
-            if reference is not None:
-                rows.append(_row("diffusers", op, "fp32", resolution, args.batch_size, seconds["diffusers"], None,
-                                 flops[op], peaks.get("fp32") or gemm_peak_gflops(torch.float32, device)))
-                memory_calls.append((rows[-1], fns["diffusers"]))
+                for dtype in dict.fromkeys(["fp32", *dtypes]):
+                    fns[("diffusers", dtype)] = lambda op=op, dtype=dtype: _diffusers_call(reference, op, value,
+                                                                                           dtype, device)
             for dtype, opts in options.items():
-                output = ours(op, opts).cpu()
-                row = _row("dcae", op, dtype, resolution, args.batch_size, seconds[dtype], None, flops[op],
-                           peaks[dtype])
-                memory_calls.append((row, fns[dtype]))
-                row["max_abs_diff"] = (output - refs[op]).abs().max().item()
-                row["psnr_vs_fp32"] = psnr_against(refs[op], output)
+                fns[("dcae", dtype)] = lambda op=op, opts=opts: (encode if op == "encode" else decode)(fast, value,
+                                                                                                       opts)
+            with torch.inference_mode():
+                seconds, first = time_interleaved({f"{i} {d}": fn for (i, d), fn in fns.items()}, device,
+                                                  args.repeats, args.warmup)
+            # One more call each, after the timings: peak memory and the output (FLOPs counted on dcae's first row;
+            # the count does not depend on the dtype).
+            flops = None
+            measured: dict[tuple[str, str], tuple[int, torch.Tensor]] = {}
+            for key, fn in fns.items():
+                if key[0] == "dcae" and flops is None:
+                    peak, (flops, out) = peak_allocated(lambda fn=fn: count_flops_and_run(fn), device)
+                else:
+                    peak, out = peak_allocated(fn, device)
+                measured[key] = (peak, out.float().cpu())
+            if flops is None:
+                flops, _ = count_flops_and_run(next(iter(fns.values())))
+            flops /= args.batch_size
+            ref_key = ("diffusers", "fp32") if reference is not None else ("dcae", "fp32")
+            refs[op] = measured[ref_key][1] if ref_key in measured else None
+            if op == "encode" and reference is not None:
+                z = measured[("diffusers", "fp32")][1]
+            for (impl, dtype), (peak, out) in measured.items():
+                label = f"{impl} {dtype}"
+                row = _row(impl, op, dtype, resolution, args.batch_size, seconds[label], peak, flops, peaks[dtype])
+                row["first_call_seconds"] = first.get(label)
+                row["compiled"] = args.compile and impl == "dcae"
+                if refs[op] is not None and (impl, dtype) != ref_key:
+                    row["max_abs_diff"] = (out - refs[op]).abs().max().item()
+                    row["psnr_vs_fp32"] = psnr_against(refs[op], out)
                 rows.append(row)
-    # Memory after every timing: the exact CPU accounting slows allocation, so it must not touch the clocks.
-    if device.type == "cpu":
-        exact_cpu_memory()
-    with torch.inference_mode():
-        for row, fn in memory_calls:
-            peak = peak_memory(fn, device)
-            row["peak_memory_mb"] = peak / 2**20 if peak >= 0 else None
-    _add_ratios(rows)
-    for row in rows:
-        print(_line(row), flush=True)
+            _add_ratios(rows)
+            for row in rows[-len(measured):]:
+                print(_line(row), flush=True)
+        case_seconds[str(resolution)] = time.perf_counter() - case_start
+        case_cpu_seconds[str(resolution)] = time.process_time() - case_cpu_start
     result = {
         "command": command_line(args),
-        "preset": name, "device": _device_name(device), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "batch_size": args.batch_size, "repeats": args.repeats,
-        "channels_last": not args.no_channels_last, "compile": args.compile,
-        "gemm_peak_gflops": peaks, "rows": rows,
+        "git_commit": commit,
+        "machine": machine_record(device),
+        "preset": name, "device": _device_name(device), "cpu_isa": cpu_isa(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "dtypes": dtypes, "batch_size": args.batch_size, "repeats": args.repeats,
+        "warmup": args.warmup, "channels_last": not args.no_channels_last, "compile": args.compile,
+        "memory_method": "allocator peak (CUDA caching allocator; CPU: profiler memory events of torch's allocator)",
+        "gemm_peak_gflops": peaks, "seconds_per_resolution": case_seconds,
+        "cpu_seconds_per_resolution": case_cpu_seconds,
+        "total_seconds": time.perf_counter() - started, "rows": rows,
     }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
     if args.md:
-        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.md).write_text(markdown(result))
+        write_markdown(Path(args.md), markdown(result), MD_BEGIN, MD_END)
+    print(f"total {result['total_seconds']:.0f} s (" + ", ".join(f"{r} px {s:.0f} s" for r, s in case_seconds.items())
+          + ")", flush=True)
     return 0
+
+
+def _diffusers_call(reference, op: str, value: torch.Tensor, dtype: str, device: torch.device) -> torch.Tensor:
+    """diffusers as its users run it: default memory layout, low precision through autocast."""
+    value = value.to(device)
+    with torch.autocast(device.type, DTYPES[dtype], enabled=dtype != "fp32"):
+        return reference.encode(value).latent if op == "encode" else reference.decode(value).sample
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -278,24 +415,31 @@ def command_line(args: argparse.Namespace) -> str:
 def _row(impl, op, dtype, resolution, batch, seconds, memory, flops, peak) -> dict[str, Any]:
     gflops_per_s = flops * batch / seconds / 1e9
     return {"impl": impl, "op": op, "dtype": dtype, "resolution": resolution, "batch_size": batch,
-            "seconds": seconds, "images_per_s": batch / seconds, "peak_memory_mb": None if memory is None else memory / 2**20,
+            "seconds": seconds, "images_per_s": batch / seconds,
+            "peak_memory_mb": None if memory is None or memory < 0 else memory / 2**20,
             "gflop_per_image": flops / 1e9, "gflop_per_s": gflops_per_s, "gemm_peak_gflop_per_s": peak,
             "fraction_of_gemm_peak": gflops_per_s / peak}
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
-    base = {(r["op"], r["resolution"]): r["images_per_s"] for r in rows
-            if r["impl"] == "diffusers" and r["dtype"] == "fp32"}
+    """ratio_vs_diffusers_fp32 (the gain of switching) and ratio_vs_diffusers_same_dtype (the implementation's)."""
+    base = {(r["op"], r["resolution"], r["dtype"]): r["images_per_s"] for r in rows if r["impl"] == "diffusers"}
     for row in rows:
-        key = (row["op"], row["resolution"])
-        row["ratio_vs_diffusers_fp32"] = row["images_per_s"] / base[key] if key in base else None
+        fp32 = base.get((row["op"], row["resolution"], "fp32"))
+        same = base.get((row["op"], row["resolution"], row["dtype"]))
+        row["ratio_vs_diffusers_fp32"] = row["images_per_s"] / fp32 if fp32 else None
+        row["ratio_vs_diffusers_same_dtype"] = row["images_per_s"] / same if same else None
+
+
+def _ratio(value: float | None) -> str:
+    return f"{value:.2f}x" if value else "-"
 
 
 def _line(row: dict[str, Any]) -> str:
-    ratio = f"{row['ratio_vs_diffusers_fp32']:.2f}x" if row.get("ratio_vs_diffusers_fp32") else "-"
     diff = f"  maxdiff {row['max_abs_diff']:.2e}  psnr {row['psnr_vs_fp32']:.1f} dB" if "max_abs_diff" in row else ""
     return (f"{row['impl']:9s} {row['op']:6s} {row['dtype']:4s} {row['resolution']:5d}px  "
-            f"{row['images_per_s']:7.3f} img/s  {ratio:>6s}  {row['gflop_per_s']:7.1f} GFLOP/s "
+            f"{row['images_per_s']:7.3f} img/s  {_ratio(row['ratio_vs_diffusers_fp32']):>6s} vs fp32  "
+            f"{_ratio(row['ratio_vs_diffusers_same_dtype']):>6s} vs same  {row['gflop_per_s']:7.1f} GFLOP/s "
             f"({100 * row['fraction_of_gemm_peak']:.0f}% of GEMM)  {_mb(row['peak_memory_mb']):>7s} MB{diff}")
 
 
@@ -314,25 +458,32 @@ def _jsonable(value: Any) -> Any:
 
 
 def markdown(result: dict[str, Any]) -> str:
+    machine = result.get("machine", {})
+    isa = machine.get("cpu_isa", result.get("cpu_isa", "?"))
+    bf16 = "native" if machine.get("bf16_native") else "emulated"
     lines = [
         "<!-- generated by `dcae bench ae`; do not edit by hand -->",
-        f"Generated by `{result['command']}`." if result.get("command") else "",
-        f"Preset `{result['preset']}`, {result['device']}, {result['threads']} threads, torch {result['torch']}, "
-        f"batch {result['batch_size']}, median of {result['repeats']}, channels_last={result['channels_last']}. "
+        f"Generated by `{result['command']}` at commit {result.get('git_commit') or '?'}.",
+        f"Preset `{result['preset']}`, {result['device']}, ISA **{isa}** (bf16 {bf16}), {result['threads']} threads, "
+        f"torch {result['torch']}, batch {result['batch_size']}, median of {result['repeats']} after "
+        f"{result.get('warmup', 1)} warm-up, channels_last={result['channels_last']}, compile={result['compile']}. "
         "GEMM peak measured in the same run: "
         + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in result["gemm_peak_gflops"].items()) + ". "
-        "Peak MB: memory one call adds at its peak (CUDA: allocator peak; CPU: the kernel's RSS high-water mark, "
-        "with glibc set to unmap every freed block so that RSS follows live tensors), measured after all timings.",
+        "Peak MB: tensor memory one call allocates at its peak, above what was live before it (allocator-exact; "
+        "see below). Each resolution's case took (wall / this process's CPU seconds): " + ", ".join(
+            f"{r} px {s:.0f} s / {result.get('cpu_seconds_per_resolution', {}).get(r, float('nan')):.0f} s"
+            for r, s in result.get("seconds_per_resolution", {}).items()) + ".",
         "",
-        "| impl | op | dtype | res | images/s | vs diffusers fp32 | GFLOP/image | GFLOP/s | of GEMM peak "
-        "| peak MB | max abs diff | PSNR vs fp32 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| impl | op | dtype | res | images/s | vs diffusers fp32 | vs diffusers same dtype | GFLOP/image | GFLOP/s "
+        "| of GEMM peak | peak MB | max abs diff | PSNR vs fp32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        ratio = f"{r['ratio_vs_diffusers_fp32']:.2f}x" if r.get("ratio_vs_diffusers_fp32") else "-"
         diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else "-"
         psnr = f"{r['psnr_vs_fp32']:.1f} dB" if "psnr_vs_fp32" in r else "-"
-        lines.append(f"| {r['impl']} | {r['op']} | {r['dtype']} | {r['resolution']} | {r['images_per_s']:.3f} "
-                     f"| {ratio} | {r['gflop_per_image']:.0f} | {r['gflop_per_s']:.0f} "
+        impl = r["impl"] + (" (compiled)" if r.get("compiled") else "")
+        lines.append(f"| {impl} | {r['op']} | {r['dtype']} | {r['resolution']} | {r['images_per_s']:.3f} "
+                     f"| {_ratio(r['ratio_vs_diffusers_fp32'])} | {_ratio(r.get('ratio_vs_diffusers_same_dtype'))} "
+                     f"| {r['gflop_per_image']:.0f} | {r['gflop_per_s']:.0f} "
                      f"| {100 * r['fraction_of_gemm_peak']:.0f}% | {_mb(r['peak_memory_mb'])} | {diff} | {psnr} |")
     return "\n".join(lines) + "\n"

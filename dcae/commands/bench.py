@@ -6,7 +6,8 @@ import importlib
 
 TARGETS = {
     "ae": ("dcae.bench", "autoencoder encode/decode throughput, side by side with diffusers"),
-    "diffusion": ("dcae.diffusion.bench", "diffusion transformer throughput on f8p2 / f32p1 / f64p1 latents"),
+    "diffusion": ("dcae.diffusion.bench", "diffusion transformer throughput on f8p2 / f32p1 / f64p1 latents, and "
+                  "dcae's DiT against diffusers' DiTTransformer2DModel"),
 }
 
 
