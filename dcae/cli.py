@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-diffusion": ("dcae.commands.train_diffusion", "train a latent diffusion transformer on cached latents"),
     "sample": ("dcae.commands.sample", "sample images from a latent diffusion transformer"),
     "bench": ("dcae.commands.bench", "throughput benchmarks side by side with peers"),
+    "export": ("dcae.commands.export", "export the encoder/decoder to ONNX, checked against ONNX Runtime"),
 }
 
 
