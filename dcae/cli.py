@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-diffusion": ("dcae.commands.train_diffusion", "train a latent diffusion transformer on cached latents"),
     "sample": ("dcae.commands.sample", "sample images from a latent diffusion transformer"),
     "bench": ("dcae.commands.bench", "throughput benchmarks side by side with peers"),
+    "compare": ("dcae.commands.compare", "one static HTML page comparing models' reconstructions image by image"),
+    "report": ("dcae.commands.report", "a static HTML page for a training run (curves, samples over time)"),
     "export": ("dcae.commands.export", "export the encoder/decoder to ONNX, checked against ONNX Runtime"),
 }
 

@@ -137,11 +137,8 @@ def to_onnx_program(model: nn.Module, part: str, example: torch.Tensor, dynamic_
         "dynamic_size": json.dumps(dynamic_size),
         "input_range": "image in [-1, 1]" if part == "encoder" else "raw latent (not scaled)",
     }
-    proto = program.model_proto
-    del proto.metadata_props[:]
-    for key, value in metadata.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = ONNX_METADATA_PREFIX + key, value
+    for key, value in metadata.items():  # on the IR model that `save` serializes (model_proto is a fresh copy)
+        program.model.metadata_props[ONNX_METADATA_PREFIX + key] = value
     return program
 
 
