@@ -252,3 +252,32 @@ def test_training_page_in_chromium(browser, tmp_path):
     assert page.locator('img[src="x"]').count() == 0
     assert problems == []
     page.close()
+
+
+# --- TensorBoard --------------------------------------------------------------------------------------------------
+def test_tensorboard_logger_is_a_no_op_without_a_folder():
+    from dcae.tensorboard import TensorBoardLogger
+
+    with TensorBoardLogger(None) as tb:
+        assert not tb.enabled
+        tb.scalars(1, {"loss": 0.5})
+        tb.image(1, "samples", torch.zeros(3, 4, 4, dtype=torch.uint8))
+
+
+def test_tensorboard_logger_writes_scalars_and_images(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install tensorboard)")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dcae.tensorboard import TensorBoardLogger
+
+    with TensorBoardLogger(tmp_path / "tb") as tb:
+        tb.scalars(10, {"loss": 0.5, "lr": torch.tensor(1e-4), "event": "val", "nan": float("nan")}, prefix="train/")
+        tb.scalars(20, {"loss": 0.25}, prefix="train/")
+        tb.image(20, "samples", torch.full((3, 8, 16), 200, dtype=torch.uint8))
+        with pytest.raises(ValueError, match="uint8"):
+            tb.image(20, "samples", torch.zeros(3, 8, 16))
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert sorted(events.Tags()["scalars"]) == ["train/loss", "train/lr"]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(10, 0.5), (20, 0.25)]
+    [image] = events.Images("samples")
+    assert (image.step, image.width, image.height) == (20, 16, 8)
