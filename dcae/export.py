@@ -18,6 +18,7 @@ channel count; a model whose decoder takes only its full latent refuses any othe
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -200,7 +201,8 @@ def parity(model: nn.Module, part: str, path: Path, x: torch.Tensor) -> float:
 def export_onnx(model: nn.Module, directory: str | os.PathLike, parts: tuple[str, ...] = PARTS,
                 image_size: tuple[int, int] = (256, 256), dynamic_size: bool = False,
                 channels: int | None = None, check: bool = True) -> list[ExportedPart]:
-    """Export `parts` of `model` to DIRECTORY/{encoder,decoder}.onnx; `model` is left in fp32 and eval mode.
+    """Export `parts` of `model` (fp32, CPU, eval mode; the caller's model is left as it was) to
+    DIRECTORY/{encoder,decoder}.onnx.
 
     Without `dynamic_size` the files take images of `image_size` (latents of image_size / f) only; with it, any size
     (sides multiples of f). The batch is always free. `channels` exports the decoder for the first-k latent channels
@@ -213,7 +215,19 @@ def export_onnx(model: nn.Module, directory: str | os.PathLike, parts: tuple[str
         raise DCAEError(f"{directory}: cannot create output directory ({error.strerror})") from None
     if channels is not None and not 1 <= channels <= model.latent_channels:
         raise DCAEError(f"--channels {channels}: expected 1 to the model's {model.latent_channels} latent channels")
-    model = model.float().eval()
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.is_floating_point() and t.dtype != torch.float32 for t in tensors) or any(t.device.type != "cpu"
+                                                                                          for t in tensors):
+        model = copy.deepcopy(model).to("cpu", torch.float32)  # the caller's bf16/GPU model stays as it was
+    was_training = model.training
+    try:
+        return _export_parts(model.eval(), directory, parts, image_size, dynamic_size, channels, check)
+    finally:
+        model.train(was_training)
+
+
+def _export_parts(model: nn.Module, directory: Path, parts: tuple[str, ...], image_size: tuple[int, int],
+                  dynamic_size: bool, channels: int | None, check: bool) -> list[ExportedPart]:
     written = []
     for part in parts:
         x = example_input(model, part, image_size, channels=channels if part == "decoder" else None)

@@ -173,6 +173,13 @@ def test_static_export_takes_only_its_size(tmp_path):
         run(torch.randn(1, 4, 3, 3))
 
 
+def test_export_leaves_the_callers_model_as_it_was(tmp_path):
+    model = build("dc-ae-tiny-f8c4").to(torch.bfloat16).train()
+    [decoder] = export_onnx(model, tmp_path, parts=("decoder",), image_size=(8, 8))
+    assert model.training and next(model.parameters()).dtype == torch.bfloat16
+    assert decoder.max_abs_diff <= PARITY_TOLERANCE  # against the fp32 copy it exported
+
+
 def test_channels_refused_by_a_full_latent_decoder(tmp_path):
     model = build("dc-ae-tiny-f8c4")
     with pytest.raises(DCAEError, match="does not take 2 latent channels"):
