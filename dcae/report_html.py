@@ -269,7 +269,8 @@ def svg_plot(title: str, lines: dict[str, list[tuple[float, float]]], width: int
         parts.append(f'<text x="{left - 4}" y="{sy(yv) + 4:.1f}" class="tick" text-anchor="end">{esc(label)}</text>')
         parts.append(f'<text x="{sx(xv):.1f}" y="{height - bottom + 14}" class="tick" text-anchor="middle">'
                      f"{xv:.0f}</text>")
-    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 4}" class="tick" text-anchor="middle">step</text>')
+    parts.append(f'<text x="{(left + width - right) / 2}" y="{height - 4}" class="tick" '
+                 'text-anchor="middle">step</text>')
     for n, (key, v) in enumerate(sorted(points.items())):
         color = palette[n % len(palette)]
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in v)

@@ -3,7 +3,7 @@
     python scripts/screenshots.py [--data FOLDER] [--run RUN] [--out docs/figures]
 
 The comparison is the embedded default model against a random-weight tiny-f8c4 on a few Kodak crops; the training
-page is RUN's (default: a 60-step tiny-f8c4 run trained here, on CPU, in a minute or two). Needs playwright and a
+page is RUN's (default: a 16-step tiny-f8c4 run trained here on CPU). Needs playwright and a
 Chromium (apt-get install chromium); no browser download.
 """
 from __future__ import annotations
@@ -72,8 +72,8 @@ def main() -> None:
         if run is None:
             run = work / "run"
             dcae("train", "--preset", "dc-ae-tiny-f8c4", "--data", str(data), "--val-data", str(data), "--phase", "1",
-                 "--steps", "60", "--batch-size", "4", "--resolution", "64", "--run-dir", str(run),
-                 "log_every=5", "val_every=20", "ckpt_every=60")
+                 "--steps", "16", "--batch-size", "2", "--resolution", "32", "--run-dir", str(run),
+                 "log_every=2", "val_every=4", "ckpt_every=16", "data.num_workers=0")
         dcae("report", str(run), "-o", str(work / "report"))
         args.out.mkdir(parents=True, exist_ok=True)
         shoot({"report_compare": work / "compare" / "index.html", "report_training": work / "report" / "index.html"},

@@ -13,7 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="checkpoint dir/.safetensors, Hub id or preset name; repeat for each model")
     parser.add_argument("--data", required=True, type=Path, help="folder of images (searched recursively)")
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="DIR", help="folder for index.html")
-    parser.add_argument("--resolution", type=int, default=256, help="ADM centre-crop size R, as dcae eval (default 256)")
+    parser.add_argument("--resolution", type=int, default=256,
+                        help="ADM centre-crop size R, as in dcae eval (default: 256)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images (sorted by path)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
