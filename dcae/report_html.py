@@ -305,8 +305,10 @@ def training_report(run: str | os.PathLike, output: str | os.PathLike | None = N
     records = read_log(log)
     directory = Path(output) if output is not None else run / "report"
     train, val = series(records, None), series(records, "val")
-    losses = {k: v for k, v in train.items() if k not in LOG_META}
+    norms = {k: v for k, v in train.items() if k.endswith("norm")}  # gradient norms: not losses, own scale
+    losses = {k: v for k, v in train.items() if k not in LOG_META and k not in norms}
     plots = [svg_plot("training losses (log scale)", losses, log_y=True),
+             svg_plot("gradient norm (log scale)", norms, log_y=True),
              *(svg_plot(f"validation {k.removeprefix('val_')}", {k: v}) for k, v in sorted(val.items())),
              svg_plot("learning rate", {k: v for k, v in train.items() if k == "lr"}),
              svg_plot("throughput (images/s)", {k: v for k, v in train.items() if k == "images_per_s"})]

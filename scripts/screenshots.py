@@ -51,7 +51,7 @@ def shoot(pages: dict[str, Path], out: Path, chromium: str) -> None:
                 for _ in range(3):
                     page.mouse.wheel(0, -200)
                 page.wait_for_timeout(200)
-            page.screenshot(path=str(out / f"{name}.png"), full_page=False)
+            page.screenshot(path=str(out / f"{name}.png"), full_page=name == "report_training")
             page.close()
         context.close()
 
