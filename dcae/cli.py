@@ -22,6 +22,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("dcae.commands.sample", "sample images from a latent diffusion transformer"),
     "bench": ("dcae.commands.bench", "throughput benchmarks side by side with peers"),
     "scaling-factor": ("dcae.commands.scaling_factor", "measure a model's latent scaling factor (1 / RMS) on images"),
+    "compare": ("dcae.commands.compare", "one static HTML page comparing models' reconstructions image by image"),
+    "report": ("dcae.commands.report", "a static HTML page for a training run (curves, samples over time)"),
+    "export": ("dcae.commands.export", "export the encoder/decoder to ONNX, checked against ONNX Runtime"),
 }
 
 

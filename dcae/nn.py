@@ -127,7 +127,12 @@ class LiteMLA(nn.Module):
         if len(self.aggreg) > 0:
             qkv = torch.cat([qkv] + [aggregate(qkv) for aggregate in self.aggreg], dim=1)  # (B, 3*inner*(1+S), H, W)
         H, W = qkv.shape[-2:]
-        attention = relu_linear_attention if H * W > self.head_dim else relu_quadratic_attention
+        # The reference takes the N x N path when H*W <= head_dim. That is a Python branch on the shape, which an
+        # exporter (torch.export, jit.trace) freezes at the example's size: an export from a small example would run
+        # the O(N^2) path at every size. Both paths are the same function (tests/test_export.py), so exports take
+        # the linear one, which holds at any size.
+        exporting = torch.compiler.is_exporting() or torch.jit.is_tracing()
+        attention = relu_linear_attention if exporting or H * W > self.head_dim else relu_quadratic_attention
         out = attention(qkv, self.head_dim).to(qkv.dtype)  # (B, inner*(1+S), H, W)
         return self.norm(self.proj(out))
 

@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--stats-cache", type=Path, default=None,
                         help="folder for cached reference Inception statistics (default: ~/.cache/dcae/fid_stats)")
+    parser.add_argument("--html", type=Path, default=None, metavar="DIR",
+                        help="also write a static comparison page (images, error maps, per-image metrics) here")
 
 
 def load_model(spec: str) -> torch.nn.Module:
@@ -78,8 +80,9 @@ def load_batch(paths: list[Path], resolution: int) -> torch.Tensor:
 
 
 def evaluate(model: torch.nn.Module, files: list[Path], resolution: int, batch_size: int, device: torch.device,
-             reference: FeatureStats | None, rank: int = 0, world: int = 1) -> tuple[dict, FeatureStats]:
-    """Metrics over `files` (this rank's share); computes the reference statistics too when `reference` is None."""
+             reference: FeatureStats | None, rank: int = 0, world: int = 1, on_batch=None) -> tuple[dict, FeatureStats]:
+    """Metrics over `files` (this rank's share); computes the reference statistics too when `reference` is None.
+    `on_batch(paths, images, reconstructions, {"psnr"|"ssim"|"lpips": per-image values})` sees each batch (uint8)."""
     lpips, inception = LPIPS("alex").to(device), InceptionFeatures().to(device)
     acc = {name: MeanAccumulator() for name in ("psnr", "ssim", "lpips")}
     recon_stats, ref_stats = FeatureStats(), reference or FeatureStats()
@@ -92,10 +95,13 @@ def evaluate(model: torch.nn.Module, files: list[Path], resolution: int, batch_s
         with torch.no_grad():
             y = model(x).float()  # (B, 3, R, R), not clamped
         ref01, rec01 = images.float() / 255, quantize(y)  # both hold exact uint8 values
-        acc["psnr"].update(psnr(ref01, rec01))
-        acc["ssim"].update(ssim(ref01, rec01))
         with torch.no_grad():
-            acc["lpips"].update(lpips(ref01 * 2 - 1, rec01 * 2 - 1))
+            values = {"psnr": psnr(ref01, rec01), "ssim": ssim(ref01, rec01),
+                      "lpips": lpips(ref01 * 2 - 1, rec01 * 2 - 1).flatten()}
+        for name, value in values.items():
+            acc[name].update(value)
+        if on_batch is not None:
+            on_batch(paths, images, to_uint8(y), values)
         recon_stats.update(inception(to_uint8(y)))
         if reference is None:
             ref_stats.update(inception(images))
@@ -133,7 +139,15 @@ def run(args: argparse.Namespace) -> int:
     cache = cache_dir / f"{reference_key(files, args.resolution)}.npz"
     have = torch.tensor(float(cache.is_file()), dtype=torch.float64)
     reference = FeatureStats.load(cache) if sum_across_ranks(have)[0].item() == world else None  # all ranks agree
-    result, ref_stats = evaluate(model, files, args.resolution, args.batch_size, device, reference, rank, world)
+    report = None
+    if args.html is not None and rank == 0:
+        from dcae.report_html import ComparisonReport
+
+        report = ComparisonReport(args.html, [str(args.model)], title=f"dcae eval: {args.model}",
+                                  settings={"data": args.data, "resolution": args.resolution})
+    on_batch = report.batch_writer(0, {p: str(rel) for p, rel in find_images([args.data])}) if report else None
+    result, ref_stats = evaluate(model, files, args.resolution, args.batch_size, device, reference, rank, world,
+                                 on_batch=on_batch)
     if rank == 0 and reference is None and ref_stats.n >= 2:
         ref_stats.save(cache)
     result.update(resolution=args.resolution, model=str(args.model), reference_stats=str(cache))
@@ -143,6 +157,8 @@ def run(args: argparse.Namespace) -> int:
               f"ssim {result['ssim']:.4f}  lpips {result['lpips']:.4f}  rfid {rfid}")
         if args.json is not None:
             write_json(args.json, result)
+        if report is not None:
+            print(f"wrote {report.write([result])}")
     if started:
         dist.destroy_process_group()
     return 0
