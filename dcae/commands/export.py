@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     sizes = "any size" if args.dynamic_size else f"{size[0]}x{size[1]} images only"
     for item in written:
         check = "" if item.max_abs_diff is None else \
-            f"; ONNX Runtime vs dcae max abs diff {item.max_abs_diff:.2e} on {'x'.join(map(str, item.input_shape))}"
+            (f"; ONNX Runtime vs dcae max abs diff {item.max_abs_diff:.2e} (tolerance {item.tolerance:.1e}) "
+             f"on {'x'.join(map(str, item.input_shape))}")
         print(f"wrote {item.path} ({model_id} {item.part}, {sizes}{check})")
     return 0
