@@ -327,7 +327,7 @@ def markdown(rows: list[BenchRow], header: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dcae.commands.reconstruct import select_device
+    from dcae.runtime import resolve_device as select_device
 
     device = select_device(args.device)
     cuda = device.type == "cuda"
