@@ -15,24 +15,18 @@ import dcae
 import dcae.losses
 from dcae.cli import main
 from dcae.errors import DCAEError
+from dcae.config import config_from_dict, config_to_dict
+from dcae.runs import CHECKPOINT_SLEEP_ENV, OptimConfig, latest_checkpoint, load_state, lr_at, update_ema
 from dcae.train import (
-    CHECKPOINT_SLEEP_ENV,
-    OptimConfig,
     TrainConfig,
     apply_overrides,
-    config_from_dict,
-    config_to_dict,
     enable_gradient_checkpointing,
-    latest_checkpoint,
     load_run_config,
-    load_state,
-    lr_at,
     phase_config,
     save_checkpoint,
     set_train_mode,
     train,
     trainable_parameters,
-    update_ema,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
