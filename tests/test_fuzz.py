@@ -845,7 +845,8 @@ def check_cli(argv: list[str]) -> None:
     if lines[0].startswith("usage:"):  # argparse: usage lines, then `dcae <cmd>: error: ...`
         assert lines[-1].startswith(f"dcae {argv[0]}: error: "), stderr
         return
-    errors = [line for line in lines if not line.startswith(f"dcae {argv[0]}: warning: ")]
+    notes = (f"dcae {argv[0]}: warning: ", "dcae: warning: ", f"dcae {argv[0]}: running on ")  # not errors
+    errors = [line for line in lines if not line.startswith(notes)]
     assert len(errors) == 1 and errors[0].startswith(f"dcae {argv[0]}: error: "), stderr
 
 

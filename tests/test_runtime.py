@@ -58,6 +58,13 @@ def test_auto_picks_bf16_only_where_native(cpu, native, expected):
     assert runtime.resolve_dtype("fp32", "cpu") == "fp32"  # an explicit choice is kept
 
 
+def test_both_trainers_default_to_auto():
+    from dcae.diffusion.train import TrainDiffusionConfig
+    from dcae.train import TrainConfig
+
+    assert TrainConfig().precision == TrainDiffusionConfig().precision == "auto"
+
+
 def test_auto_never_picks_fp16_and_unknown_names_are_refused(cpu):
     cpu(True)
     assert runtime.resolve_dtype("auto", "cpu") != "fp16"
