@@ -18,6 +18,7 @@ import dcae
 from dcae.errors import DCAEError
 from dcae.latent_file import autoencoder_config_hash as config_hash
 from dcae.latent_file import latent_metadata, read_latent, write_latent
+from dcae.runtime import bf16_is_native
 from dcae.tiling import (OVERHEAD_BYTES, MemoryBudget, activation_bytes_per_pixel, available_memory, decode_latent,
                          default_tile, encode_image, memory_budget, pad_to_multiple, padding_for, plan_tiles,
                          resolve_tile, tile_spans, tiled_decode, tiled_encode)
@@ -164,6 +165,8 @@ with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=preci
                                                       ("dc-ae-tiny-f64c128", "decode", 1024, "bf16")])
 def test_memory_estimate_bounds_the_measured_peak(preset, op, size, precision):
     """The estimate is an upper bound of the peak RSS growth of one pass, and not a wildly loose one."""
+    if precision == "bf16" and not bf16_is_native("cpu"):
+        pytest.skip("a 1024 px bf16 pass is emulated on this CPU (~100x slower): too big for a test")
     result = subprocess.run([sys.executable, "-c", PEAK_PROBE, preset, op, str(size), precision],
                             capture_output=True, text=True, timeout=300, check=True)
     measured = int(result.stdout.strip().splitlines()[-1])
