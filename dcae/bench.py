@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from dcae.inference import (
+from dcae.runtime import (
     DTYPE_CHOICES,
     DTYPES,
     InferenceOptions,

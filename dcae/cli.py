@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-from dcae.errors import DCAEError
+from dcae.errors import DCAEError, printable  # noqa: F401 (printable: also dcae.cli.printable)
 
 # name -> (module, one-line help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -38,11 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in _available().items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
-
-
-def printable(text: str) -> str:
-    """Line breaks and control characters (from a value or a file name the user gave) escaped: one line stays one."""
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def main(argv: list[str] | None = None) -> int:

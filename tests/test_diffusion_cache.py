@@ -22,13 +22,7 @@ from dcae.diffusion.latents import (
 from dcae.errors import DCAEError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine thread oversubscription makes them 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class StandInAE(nn.Module):
@@ -151,8 +145,8 @@ def test_cli_cache_latents_with_tiny_preset(tmp_path, capsys):
 
     write_images(tmp_path / "data", {"x": 2, "y": 1}, size=(40, 36))
     rc = main(["cache-latents", "--model", "dc-ae-tiny-f32c32", "--data", str(tmp_path / "data"), "-o",
-               str(tmp_path / "cache"), "--resolution", "32", "--flip", "--device", "cpu"])
-    assert rc == 0
+               str(tmp_path / "cache"), "--resolution", "32", "--flip", "--device", "cpu", "--dtype", "fp32"])
+    assert rc == 0  # fp32: compared with an fp32 encode below
     cache = load_latent_cache(tmp_path / "cache")
     assert cache.latents.shape == (6, 32, 1, 1) and cache.index["num_classes"] == 2
     torch.manual_seed(0)  # the CLI builds random presets with seed 0

@@ -13,8 +13,8 @@ from dcae.diffusion.presets import (
     list_diffusion_presets,
     model_config_from_dict,
 )
-from test_diffusion_cache import one_thread  # noqa: F401 (autouse fixture)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = [name for name in list_diffusion_presets() if name.startswith(("DiT-T/", "UViT-T/"))]
 
 

@@ -2,6 +2,7 @@
 
 Each toy "net" is the exact minimiser of its objective's loss for the stated target, so the sampled distribution
 differs from the target only by ODE discretisation error (and Monte-Carlo error of the moment estimates: with
+pytestmark = pytest.mark.usefixtures("one_thread")
 N = 10000 points the standard error of a covariance entry here is below 0.008, of a weight below 0.005).
 """
 from __future__ import annotations
@@ -11,7 +12,6 @@ import torch
 
 from dcae.diffusion.objectives import TIME_SCALE, EpsilonPrediction, FlowMatching
 from dcae.diffusion.samplers import SAMPLERS, generate
-from test_diffusion_cache import one_thread  # noqa: F401 (autouse fixture)
 
 N = 10000
 

@@ -28,7 +28,9 @@ from dcae.diffusion.train import (
     train_diffusion,
 )
 from dcae.errors import DCAEError
-from test_diffusion_cache import StandInAE, one_thread  # noqa: F401 (autouse fixture)
+from test_diffusion_cache import StandInAE
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

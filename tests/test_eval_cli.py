@@ -46,7 +46,8 @@ def test_metrics_folders_json(folders, tmp_path, capsys):
     out = tmp_path / "m.json"
     assert main(["metrics", str(a), str(b), "--json", str(out), "--device", "cpu"]) == 0
     result = json.loads(out.read_text())
-    assert set(result) == {"psnr", "ssim", "lpips", "fid", "n", "rows"}
+    assert set(result) == {"psnr", "ssim", "lpips", "fid", "n", "rows", "runtime"}
+    assert result["runtime"]["dtype"] == "fp32" and "cpu_isa" in result["runtime"]  # the metric networks: fp32
     assert result["n"] == 3 and [r["name"] for r in result["rows"]] == ["sub/z", "x", "y"]
     lpips = LPIPS("alex")
     for row in result["rows"]:
@@ -113,7 +114,8 @@ def test_eval_end_to_end(tiny_checkpoint, eval_data, tmp_path):
     import dcae
 
     cache, out = tmp_path / "cache", tmp_path / "eval.json"
-    args = ["eval", "--model", str(tiny_checkpoint), "--data", str(eval_data), "--resolution", "64",
+    args = ["eval", "--dtype", "fp32",  # checked below against an fp32 reconstruction by hand
+            "--model", str(tiny_checkpoint), "--data", str(eval_data), "--resolution", "64",
             "--json", str(out), "--stats-cache", str(cache), "--batch-size", "2", "--device", "cpu"]
     assert main(args) == 0
     result = json.loads(out.read_text())

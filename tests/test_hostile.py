@@ -1,4 +1,4 @@
-"""Hostile checkpoints, configs and environments (issue 9): nothing lost, nobody let in.
+"""Hostile checkpoints, configs and environments: nothing lost, nobody let in.
 
 - Checkpoints: enormous declared tensors, pickles that run code, configs with absurd sizes; a static scan for any
   code path that would execute or import what a file names.
@@ -54,7 +54,8 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 
 
 def assert_one_error_line(stderr: str, command: str) -> None:
-    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith(f"dcae {command}: warning")]
+    notes = (f"dcae {command}: warning", f"dcae {command}: running on ")  # the runtime's one info line is no error
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith(notes)]
     assert len(lines) == 1 and lines[0].startswith(f"dcae {command}: error: "), stderr
 
 
@@ -134,7 +135,7 @@ def test_small_checkpoint_whose_config_describes_a_big_model_is_refused_before_b
         dcae.DCAE.from_pretrained(tmp_path / "model.safetensors")
 def test_decode_refuses_an_oversized_latent_before_reading_it(tmp_path):
     """A latent that decodes to 8192x8192x(4^2) pixels: over --max-pixels, refused from its header."""
-    from dcae.tiling import config_hash
+    from dcae.latent_file import autoencoder_config_hash as config_hash
 
     model = dcae.DCAE.from_pretrained(micro_checkpoint("dcae"))
     meta = {"format": "dcae-latent/1", "config_hash": config_hash(model), "spatial_factor": "4", "latent_channels": "4"}
@@ -359,7 +360,7 @@ def micro_run(tmp_path) -> Path:
 
 
 def _snapshot(run_dir: Path) -> dict[str, bytes]:
-    from dcae.train import latest_checkpoint
+    from dcae.runs import latest_checkpoint
 
     latest = latest_checkpoint(run_dir)
     return {p.name: p.read_bytes() for p in latest.iterdir() if p.is_file()} | {"name": latest.name.encode()}
@@ -451,7 +452,7 @@ def test_full_disk_while_writing_images_loses_nothing(tmp_path):
         ls -A $FULL/out | sed 's/^/entry=/'""", size_kb=64)
     stderr = (tmp_path / "stderr").read_text()
     assert "status=1" in output, output + stderr
-    lines = [line for line in stderr.splitlines() if line.strip() and "warning" not in line]
+    lines = [line for line in stderr.splitlines() if line.strip() and not ("warning" in line or "running on" in line)]
     assert len(lines) == 2 and all("cannot write: No space left on device" in line for line in lines), stderr
     assert "entry=" not in output  # neither a partial output nor a temporary file
 
@@ -478,7 +479,7 @@ def test_full_disk_while_caching_latents_loses_nothing(tmp_path):
 
 
 def test_hostile_state_pt_never_runs_code(micro_run):
-    from dcae.train import latest_checkpoint
+    from dcae.runs import latest_checkpoint
 
     marker = micro_run / "PWNED"
     torch.save({"step": 1, "payload": _RunsCode(marker)}, latest_checkpoint(micro_run) / "state.pt")
@@ -486,7 +487,7 @@ def test_hostile_state_pt_never_runs_code(micro_run):
         run_cli(["train", "--resume", str(micro_run), "--steps", "2"])
     assert not marker.exists()
 def test_hostile_state_pt_is_a_one_line_error(micro_run):
-    from dcae.train import latest_checkpoint
+    from dcae.runs import latest_checkpoint
 
     torch.save({"step": 1, "payload": _RunsCode(micro_run / "PWNED")}, latest_checkpoint(micro_run) / "state.pt")
     code, _, stderr = run_cli(["train", "--resume", str(micro_run), "--steps", "2"])
@@ -506,7 +507,7 @@ def test_resume_does_not_run_a_pipe_command_from_a_saved_config(micro_run):
 
 def test_resume_with_a_truncated_latest_pointer_and_a_torn_checkpoint(micro_run):
     """A `latest` pointer naming a missing step and a half-written step dir: resume uses the last complete one."""
-    from dcae.train import latest_checkpoint, load_state
+    from dcae.runs import latest_checkpoint, load_state
 
     root = micro_run / "checkpoints"
     (root / "latest").write_text("step_00000099\n")
@@ -590,7 +591,7 @@ def _max_diff(a: Path, b: Path) -> float:
 def kill_resume_cycles(root: Path, kills: int, steps: int, seed: int, log=print) -> dict[str, Any]:
     """Train `steps` steps straight, then again with `kills` SIGKILLs at random moments (mid-step, mid-checkpoint,
     at start-up), resuming after each; returns what happened and the final max weight differences."""
-    from dcae.train import CHECKPOINT_SLEEP_ENV, latest_checkpoint, load_state
+    from dcae.runs import CHECKPOINT_SLEEP_ENV, latest_checkpoint, load_state
 
     rng = random.Random(seed)
     data = small_data(root, 4)

@@ -1,4 +1,4 @@
-"""dcae.tiling: padding, tile layout, blending, tiled vs untiled encode/decode, latent files."""
+"""dcae.tiling (padding, tile plans and layout, blending, tiled vs untiled encode/decode) and dcae.latent_file."""
 from __future__ import annotations
 
 import json
@@ -16,19 +16,15 @@ from torch import nn
 
 import dcae
 from dcae.errors import DCAEError
-from dcae.inference import bf16_is_native, cpu_isa
-from dcae.tiling import (OVERHEAD_BYTES, MemoryBudget, activation_bytes_per_pixel, available_memory, config_hash,
-                         decode_latent, default_tile, encode_image, latent_metadata, memory_budget, pad_to_multiple,
-                         padding_for, read_latent, resolve_tile, tile_spans, tiled_decode, tiled_encode, write_latent)
+from dcae.latent_file import autoencoder_config_hash as config_hash
+from dcae.latent_file import latent_metadata, read_latent, write_latent
+from dcae.runtime import bf16_is_native, cpu_isa
+from dcae.tiling import (OVERHEAD_BYTES, MemoryBudget, activation_bytes_per_pixel, available_memory, decode_latent,
+                         default_tile, encode_image, memory_budget, pad_to_multiple, padding_for, plan_tiles,
+                         resolve_tile, tile_spans, tiled_decode, tiled_encode)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two threads on two shared cores are slower than one for these tiny tensors."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class LocalAutoencoder(nn.Module):
@@ -97,6 +93,23 @@ def test_resolve_tile():
         resolve_tile(256, 2048, 2048, 32, overlap=256)
     with pytest.raises(DCAEError, match="expected auto, none"):
         resolve_tile("big", 2048, 2048, 32)
+
+
+def test_plan_is_decided_once_and_drives_encode_and_decode(monkeypatch):
+    plan = plan_tiles("auto", 1030, 20, 32)
+    assert plan.size == (1030, 20) and plan.padded == (1056, 32) and not plan.tiled
+    assert plan_tiles(64, 100, 130, 32).tiles == (64, 0) and plan_tiles(64, 100, 130, 32).padded == (128, 160)
+    model = LocalAutoencoder(factor=4)
+    x = torch.rand(1, 3, 10, 13) * 2 - 1
+    tiled = plan_tiles(8, 10, 13, 4, overlap=4)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a planned image must not be planned again")
+
+    monkeypatch.setattr("dcae.tiling.resolve_tile", refuse)
+    z = encode_image(model, x, plan=tiled)
+    y = decode_latent(model, z, plan=tiled)  # cropped to the plan's size
+    assert z.shape == (1, 4, 3, 4) and y.shape == (1, 3, 10, 13)
 
 
 def budget_for(pixels: int, bytes_per_pixel: float = 1000.0) -> MemoryBudget:

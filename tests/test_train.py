@@ -15,24 +15,18 @@ import dcae
 import dcae.losses
 from dcae.cli import main
 from dcae.errors import DCAEError
+from dcae.config import config_from_dict, config_to_dict
+from dcae.runs import CHECKPOINT_SLEEP_ENV, OptimConfig, latest_checkpoint, load_state, lr_at, update_ema
 from dcae.train import (
-    CHECKPOINT_SLEEP_ENV,
-    OptimConfig,
     TrainConfig,
     apply_overrides,
-    config_from_dict,
-    config_to_dict,
     enable_gradient_checkpointing,
-    latest_checkpoint,
     load_run_config,
-    load_state,
-    lr_at,
     phase_config,
     save_checkpoint,
     set_train_mode,
     train,
     trainable_parameters,
-    update_ema,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,6 +286,7 @@ def test_cli_phase3_gan_bf16_validation_and_samples(tmp_path, capsys):
     lines = log_lines(run_dir)
     start = lines[0]
     assert start["event"] == "start" and start["precision"] == "bf16"
+    assert start["precision_requested"] == "bf16" and {"cpu_isa", "bf16_native"} <= set(start["hardware"])
     assert start["trainable_params"] < 0.01 * start["total_params"]  # only the decoder head trains
     steps = [line for line in lines if "loss" in line]
     assert steps[0]["gan_weight"] == 0.0 and steps[-1]["gan_weight"] > 0  # discriminator warm-up, then adaptive

@@ -24,7 +24,7 @@ def _train(run_dir: Path, phase: int, nproc: int, batch_size: int) -> list[dict]
     args = ["-m", "dcae.cli", "train", "--preset", "dc-ae-tiny-f32c32", "--data", str(BSDS_VAL), "--phase", str(phase),
             "--steps", str(STEPS), "--batch-size", str(batch_size), "--resolution", "64", "--seed", "0",
             "--run-dir", str(run_dir), "--num-workers", "0", "progress=false", "log_every=1", "optim.warmup_steps=1",
-            "phase.lpips_weight=0.5"]
+            "phase.lpips_weight=0.5", "precision=fp32"]  # the tolerances below are fp32's; auto may pick bf16
     if nproc > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     else:

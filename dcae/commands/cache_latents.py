@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import os
 
-import torch
 from tqdm import tqdm
 
-from dcae.commands.reconstruct import autocast, load_model, select_device
+from dcae.commands.options import add_device_arguments
 from dcae.diffusion.latents import STORAGE_DTYPES, cache_latents, list_labeled_images, plan_cache
 from dcae.errors import DCAEError
+from dcae.runtime import Runtime, load_model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,31 +31,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", type=int, default=1024, help="images per shard (default: 1024)")
     parser.add_argument("--storage-dtype", choices=tuple(STORAGE_DTYPES), default="float16",
                         help="dtype of stored latents (default: float16, half the disk of float32)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                        help="where the encoder runs (default: cuda if available)")
-    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="encoder autocast dtype")
+    add_device_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or args.shard_size < 1 or args.resolution < 1:
         raise DCAEError("--batch-size, --shard-size and --resolution must be positive")
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = select_device(args.device)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    runtime = Runtime.choose(args.device, args.dtype)  # under torchrun, CUDA is LOCAL_RANK's GPU
     files, labels, class_names = list_labeled_images(args.data)
     if args.max_images is not None:
         if args.max_images < 1:
             raise DCAEError("--max-images must be positive")
         files, labels = files[:args.max_images], labels[:args.max_images]
-    autoencoder, model_id = load_model(args.model, device, "cache-latents")
+    autoencoder, model_id = load_model(args.model, runtime.device, "cache-latents")
     index = plan_cache(files, labels, class_names, autoencoder, args.resolution, args.flip, args.storage_dtype,
                        args.shard_size, autoencoder_source=model_id)
+    if rank == 0:
+        runtime.announce("cache-latents")
     mine = sum(s["count"] for k, s in enumerate(index["shards"]) if k % world_size == rank)
     with tqdm(total=mine, unit="img", disable=rank != 0, desc="cache-latents") as bar:
         written = cache_latents(autoencoder, index, args.output, batch_size=args.batch_size, rank=rank,
-                                world_size=world_size, device=device,
-                                autocast=lambda: autocast(device, args.dtype), progress=bar.update)
+                                world_size=world_size, device=runtime.device,
+                                autocast=runtime.autocast, progress=bar.update)
     skipped = sum(1 for k in range(len(index["shards"])) if k % world_size == rank) - len(written)
     print(f"rank {rank}: wrote {len(written)} shards, {skipped} already present; {index['count']} images, "
           f"{index['num_classes']} classes, latent {index['latent_shape']} -> {args.output}")

@@ -2,25 +2,22 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch
-from tqdm import tqdm
 
-from dcae.commands.reconstruct import (DTYPES, Progress, add_model_arguments, autocast, batches, load_images,
-                                       one_line, plan_jobs, prepare, report_error)
 from dcae.autoencoder import check_latent_channels
-from dcae.errors import DCAEError
-from dcae.images import DEFAULT_MAX_PIXELS, to_model_range
-from dcae.tiling import encode_image, latent_metadata, padding_for, resolve_tile, write_latent
+from dcae.commands.options import add_max_pixels_argument, add_model_arguments, prepare
+from dcae.images import to_model_range
+from dcae.latent_file import latent_metadata, write_latent
+from dcae.runtime import DTYPES, Item, Progress, check_finite, plan_jobs, read_images, run_batches
+from dcae.tiling import encode_image
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (searched recursively)")
     parser.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for the .safetensors latents")
-    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                        help=f"refuse larger images, a decompression-bomb guard (default {DEFAULT_MAX_PIXELS})")
+    add_max_pixels_argument(parser)
     parser.add_argument("--keep-alpha", action="store_true",
                         help="store an input's alpha channel (uint8) beside the latent; decode restores it")
     parser.add_argument("--channels", type=int, default=None, metavar="K",
@@ -30,51 +27,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     command = "encode"
-    device, model, model_id, budget = prepare(args, command, ("encode",))
-    factor = model.spatial_factor
+    runtime, model, model_id, budget = prepare(args, command, ("encode",))
     if args.channels is not None:
         check_latent_channels(model.config, args.channels)
     jobs, failures = plan_jobs(args.inputs, args.output, ".safetensors", command)
     progress = Progress.start(len(jobs), "img")
-    done = 0
+    # an explicit --dtype bf16/fp16 also stores latents in it (half the bytes); auto never changes the file: float32
+    dtype = torch.float32 if runtime.requested == "auto" else DTYPES[runtime.dtype]
     start = time.perf_counter()
 
-    loaded = load_images(jobs, factor, args, budget, command, progress.fail)
-    with torch.inference_mode():
-        for batch in batches(loaded, lambda item: item.key, args.batch_size):
-            height, width = batch[0].rgb.shape[-2:]
-            try:
-                x = to_model_range(torch.stack([item.rgb for item in batch]))  # (B, 3, H, W)
-                pad_h, pad_w = padding_for(height, width, factor)
-                if resolve_tile(args.tile, height + pad_h, width + pad_w, factor, args.overlap, budget) is None:
-                    x = x.to(device)
-                with autocast(device, args.dtype):
-                    z = encode_image(model, x, tile=args.tile, overlap=args.overlap, budget=budget).cpu()  # (B,c,h,w)
-                z = z[:, :args.channels]  # structured latent: the first K channels are what encode(channels=K) gives
-                if not torch.isfinite(z).all():
-                    raise DCAEError("the latent has NaN/Inf values (fp16 overflow? try --dtype bf16 or fp32)")
-            except (DCAEError, RuntimeError, MemoryError, ValueError) as error:
-                for item in batch:
-                    report_error(command, f"{item.job.source}: {one_line(error)}")
-                    progress.fail(item.job)
-                continue
-            dtype = DTYPES[args.dtype]
-            for i, item in enumerate(batch):
-                metadata = latent_metadata(model, model_id, (height, width), dtype, source=str(item.job.relative),
-                                           tile=str(args.tile), latent_channels=str(z.shape[1]))
-                alpha = item.alpha if args.keep_alpha else None
-                try:
-                    write_latent(item.job.output, z[i].to(dtype), metadata, alpha)
-                except DCAEError as error:
-                    report_error(command, str(error))
-                    progress.fail(item.job)
-                    continue
-                c, h, w = z.shape[1:]
-                tqdm.write(f"{item.job.source}  {width}x{height} -> {item.job.output}  latent {c}x{h}x{w} "
-                           f"{args.dtype}", file=sys.stdout)
-                done += 1
-                progress.bar.update(1)
-    progress.bar.close()
+    def work(batch: list[Item]) -> torch.Tensor:
+        x = to_model_range(torch.stack([item.data for item in batch]))  # (B, 3, H, W)
+        z = encode_image(model, x, plan=batch[0].plan)[:, :args.channels]  # (B, c or K, h, w) on the CPU
+        return check_finite(z, "the latent")  # the first K channels are what encode(channels=K) gives
+
+    def finish(item: Item, i: int, z: torch.Tensor) -> str:
+        height, width = item.plan.size
+        metadata = latent_metadata(model, model_id, (height, width), dtype, source=str(item.job.relative),
+                                   tile=str(args.tile), latent_channels=str(z.shape[1]))
+        write_latent(item.job.output, z[i].to(dtype), metadata, item.alpha if args.keep_alpha else None)
+        c, h, w = z.shape[1:]
+        stored = str(dtype).removeprefix("torch.")
+        return f"{item.job.source}  {width}x{height} -> {item.job.output}  latent {c}x{h}x{w} {stored}"
+
+    items = read_images(jobs, model.spatial_factor, args.tile, args.overlap, args.max_pixels, budget, command,
+                        progress.fail)
+    done = run_batches(items, args.batch_size, runtime, command, progress, work, finish)
     failures += len(progress.failed)
     elapsed = time.perf_counter() - start
     rate = f" in {elapsed:.1f} s ({done / elapsed:.2f} images/s)" if done else ""

@@ -1,6 +1,7 @@
 """`dcae eval`: reconstruction PSNR/SSIM/LPIPS/rFID of an autoencoder on an image folder, as DC-AE reports them.
 
-Pipeline (efficientvit's evaluator): ADM centre crop to R, reconstruct in fp32, round both images through uint8,
+Pipeline (efficientvit's evaluator): ADM centre crop to R, reconstruct (in fp32 unless --dtype auto finds native bf16,
+or --dtype asks for another; the JSON records which), round both images through uint8,
 per-image PSNR/SSIM/LPIPS(alex) averaged, rFID between Inception features of the references and the reconstructions.
 Reference statistics are cached on disk. Under `torchrun` the files are split across ranks and the sums all-reduced.
 """
@@ -8,21 +9,22 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from dcae.commands.metrics import default_device, write_json
+from dcae.commands.options import add_dtype_argument
 from dcae.errors import DCAEError
+from dcae.files import write_json
 from dcae.images import find_images, read_image
 from dcae.metrics import (
     FeatureStats, MeanAccumulator, adm_center_crop, fid_from_stats, psnr, quantize, ssim, sum_across_ranks, to_uint8,
 )
 from dcae.perceptual import LPIPS, InceptionFeatures
+from dcae.runs import init_distributed
+from dcae.runtime import Runtime, load_model
 
 CACHE_VERSION = "dcae-fid-ref-v1"  # bump when the crop or the Inception preprocessing changes
 
@@ -35,23 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images (sorted by path)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+    add_dtype_argument(parser)
     parser.add_argument("--stats-cache", type=Path, default=None,
                         help="folder for cached reference Inception statistics (default: ~/.cache/dcae/fid_stats)")
     parser.add_argument("--html", type=Path, default=None, metavar="DIR",
                         help="also write a static comparison page (images, error maps, per-image metrics) here")
-
-
-def load_model(spec: str) -> torch.nn.Module:
-    """A checkpoint path or Hub id via DCAE.from_pretrained; a preset name gives random weights (with a warning)."""
-    import dcae
-
-    if spec in dcae.list_presets() and not Path(spec).exists():
-        print(f"dcae eval: warning: {spec!r} is a preset name: evaluating RANDOM weights (seed 0), "
-              "pass a checkpoint to evaluate a trained model", file=sys.stderr)
-        torch.manual_seed(0)
-        return dcae.create_model(spec)
-    return dcae.DCAE.from_pretrained(spec)
 
 
 def reference_key(files: list[Path], resolution: int) -> str:
@@ -63,26 +54,20 @@ def reference_key(files: list[Path], resolution: int) -> str:
     return h.hexdigest()[:32]
 
 
-def setup_distributed(device: torch.device) -> tuple[int, int, bool]:
-    """(rank, world size, whether we initialised it); starts torch.distributed under torchrun (WORLD_SIZE > 1)."""
-    started = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        started = True
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), started
-    return 0, 1, started
-
-
 def load_batch(paths: list[Path], resolution: int) -> torch.Tensor:
     """Read and ADM-centre-crop a batch: (B, 3, R, R) uint8."""
     return torch.stack([adm_center_crop(read_image(p), resolution) for p in paths])
 
 
 def evaluate(model: torch.nn.Module, files: list[Path], resolution: int, batch_size: int, device: torch.device,
-             reference: FeatureStats | None, rank: int = 0, world: int = 1, on_batch=None) -> tuple[dict, FeatureStats]:
+             reference: FeatureStats | None, rank: int = 0, world: int = 1, runtime: Runtime | None = None,
+             on_batch=None) -> tuple[dict, FeatureStats]:
     """Metrics over `files` (this rank's share); computes the reference statistics too when `reference` is None.
-    `on_batch(paths, images, reconstructions, {"psnr"|"ssim"|"lpips": per-image values})` sees each batch (uint8)."""
+
+    The autoencoder runs under `runtime`'s autocast (fp32 when None); the metric networks always in fp32.
+    `on_batch(paths, images, reconstructions, {"psnr"|"ssim"|"lpips": per-image values})` sees each batch (uint8).
+    """
+    runtime = runtime or Runtime(torch.device(device), "fp32", "fp32")
     lpips, inception = LPIPS("alex").to(device), InceptionFeatures().to(device)
     acc = {name: MeanAccumulator() for name in ("psnr", "ssim", "lpips")}
     recon_stats, ref_stats = FeatureStats(), reference or FeatureStats()
@@ -92,7 +77,7 @@ def evaluate(model: torch.nn.Module, files: list[Path], resolution: int, batch_s
     for paths in tqdm(batches, desc="eval", unit="batch", disable=None if rank == 0 else True):
         images = load_batch(paths, resolution).to(device)  # (B, 3, R, R) uint8
         x = (images.float() / 255 - 0.5) / 0.5  # (B, 3, R, R) in [-1, 1], as ToTensor + Normalize(0.5, 0.5)
-        with torch.no_grad():
+        with torch.no_grad(), runtime.autocast():
             y = model(x).float()  # (B, 3, R, R), not clamped
         ref01, rec01 = images.float() / 255, quantize(y)  # both hold exact uint8 values
         with torch.no_grad():
@@ -125,15 +110,17 @@ def run(args: argparse.Namespace) -> int:
     files = [path for path, _ in find_images([args.data])][: args.limit]
     if not files:
         raise DCAEError(f"{args.data}: no images found")
-    device = default_device(args.device)
-    rank, world, started = setup_distributed(device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    model = load_model(args.model)
+    runtime = Runtime.choose(args.device, args.dtype)
+    started = not dist.is_initialized()
+    d = init_distributed(runtime.device.type)  # under torchrun: gloo on CPU, nccl on this rank's GPU
+    started = started and dist.is_initialized()
+    rank, world, device = d.rank, d.world_size, d.device
+    model, _ = load_model(args.model, device, "eval")
     factor = int(getattr(model, "spatial_factor", 1))
     if args.resolution % factor:
         raise DCAEError(f"--resolution {args.resolution} is not a multiple of the model's spatial factor {factor}")
+    if rank == 0:
+        runtime.announce("eval")
 
     cache_dir = args.stats_cache or Path.home() / ".cache" / "dcae" / "fid_stats"
     cache = cache_dir / f"{reference_key(files, args.resolution)}.npz"
@@ -147,10 +134,11 @@ def run(args: argparse.Namespace) -> int:
                                   settings={"data": args.data, "resolution": args.resolution})
     on_batch = report.batch_writer(0, {p: str(rel) for p, rel in find_images([args.data])}) if report else None
     result, ref_stats = evaluate(model, files, args.resolution, args.batch_size, device, reference, rank, world,
-                                 on_batch=on_batch)
+                                 runtime, on_batch=on_batch)
     if rank == 0 and reference is None and ref_stats.n >= 2:
         ref_stats.save(cache)
-    result.update(resolution=args.resolution, model=str(args.model), reference_stats=str(cache))
+    result.update(resolution=args.resolution, model=str(args.model), reference_stats=str(cache),
+                  runtime=runtime.record())
     if rank == 0:
         rfid = "n/a (needs 2+ images)" if result["rfid"] is None else f"{result['rfid']:.4f}"
         print(f"{args.model} on {args.data} at {args.resolution}px, n={result['n']}: psnr {result['psnr']:.3f}  "

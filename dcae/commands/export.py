@@ -31,7 +31,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dcae.commands.reconstruct import load_model
+    from dcae.runtime import load_model
     from dcae.export import export_onnx, require_exporter
 
     size = parse_size(args.size)

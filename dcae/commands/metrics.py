@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
 from pathlib import Path
 
 import torch
@@ -11,9 +9,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from dcae.errors import DCAEError
+from dcae.files import write_json
 from dcae.images import find_images, read_image
 from dcae.metrics import FeatureStats, fid_from_stats, psnr, ssim
 from dcae.perceptual import LPIPS, InceptionFeatures
+from dcae.runtime import Runtime, resolve_device
 
 MAX_TABLE_ROWS = 20
 
@@ -24,10 +24,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, default=None, help="write means and per-image rows to this JSON file")
     parser.add_argument("--lpips-net", choices=["alex", "vgg"], default="alex", help="LPIPS trunk (default: alex)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-
-
-def default_device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _index(folder: Path) -> dict[str, Path]:
@@ -85,11 +81,6 @@ def check_sizes(pairs: list[tuple[str, Path, Path]]) -> None:
             raise DCAEError(f"{path_a} is {size_a[0]}x{size_a[1]} but {path_b} is {size_b[0]}x{size_b[1]}")
 
 
-def _finite(x: float) -> float | None:
-    """JSON has no inf/nan: identical images (PSNR inf) are written as null."""
-    return x if math.isfinite(x) else None
-
-
 SSIM_MIN_SIDE = 11  # the Gaussian window
 LPIPS_MIN_SIDE = {"alex": 31, "vgg": 16}  # smaller inputs vanish in the trunk's pooling layers
 
@@ -142,29 +133,13 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def to_json(result: dict) -> dict:
-    """Replace non-finite floats (PSNR of identical images) by None, recursively."""
-    if isinstance(result, dict):
-        return {k: to_json(v) for k, v in result.items()}
-    if isinstance(result, list):
-        return [to_json(v) for v in result]
-    return _finite(result) if isinstance(result, float) else result
-
-
-def write_json(path: Path, data: dict) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(to_json(data), indent=2) + "\n")
-    except OSError as error:
-        raise DCAEError(f"{path}: cannot write: {error.strerror or error}") from None
-
-
 def run(args: argparse.Namespace) -> int:
     pairs = pair_images(args.a, args.b)
     check_sizes(pairs)
     with_fid = args.a.is_dir() and len(pairs) >= 2
-    result = compare(pairs, args.lpips_net, default_device(args.device), with_fid)
+    runtime = Runtime(resolve_device(args.device), "fp32", "fp32")  # the metrics' networks always run in fp32
+    result = compare(pairs, args.lpips_net, runtime.device, with_fid)
     print(format_table(result))
     if args.json is not None:
-        write_json(args.json, result)
+        write_json(args.json, {**result, "runtime": runtime.record()})
     return 0

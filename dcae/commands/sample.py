@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from dcae.commands.reconstruct import load_model, select_device, warn
-from dcae.diffusion.latents import autoencoder_config_hash
+from dcae.commands.options import add_device_arguments
+from dcae.diffusion.latents import cache_hash
 from dcae.diffusion.objectives import get_objective
 from dcae.diffusion.pipeline import gfid, image_grid, sample_images, sample_labels, sample_noise
 from dcae.diffusion.samplers import SAMPLERS
@@ -21,6 +21,7 @@ from dcae.diffusion.train import load_diffusion_checkpoint
 from dcae.errors import DCAEError
 from dcae.images import write_image
 from dcae.metrics import to_uint8
+from dcae.runtime import Runtime, load_model, warn
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--no-ema", action="store_true", help="sample with the raw weights instead of the EMA")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_device_arguments(parser)
     parser.add_argument("--fid-ref", metavar="DIR", help="also report gFID against this image folder")
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
 
@@ -63,7 +64,8 @@ def class_index(value: str | None, class_names: list[str], num_classes: int) -> 
 def run(args: argparse.Namespace) -> int:
     if args.num_images < 1 or args.batch_size < 1 or (args.steps is not None and args.steps < 1):
         raise DCAEError("-n, --batch-size and --steps must be positive")
-    device = select_device(args.device)
+    runtime = Runtime.choose(args.device, args.dtype)
+    device = runtime.device
     ckpt = load_diffusion_checkpoint(args.diffusion, ema=not args.no_ema, device=device)
     info, net = ckpt.info, ckpt.model
     num_classes = net.config.num_classes
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if int(autoencoder.latent_channels) != info["latent_shape"][0]:
         raise DCAEError(f"--model {args.model}: has {autoencoder.latent_channels} latent channels, the diffusion model "
                         f"was trained on {info['latent_shape'][0]}-channel latents of {info['autoencoder'].get('name')}")
-    if autoencoder_config_hash(autoencoder) != info["autoencoder_config_hash"]:
+    if cache_hash(autoencoder) != info["autoencoder_config_hash"]:
         warn("sample", f"--model {args.model} is not the autoencoder the latents were cached with "
                        f"({info['autoencoder'].get('name')}); the images will be wrong")
     labels = sample_labels(args.num_images, num_classes, args.seed,
@@ -87,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     noise = sample_noise(args.num_images, info["latent_shape"], args.seed)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
+    runtime.announce("sample")
     bar = tqdm(total=args.num_images, unit="img", desc="sample")
 
     def write_batch(start: int, images) -> None:
@@ -95,8 +98,9 @@ def run(args: argparse.Namespace) -> int:
         bar.update(len(images))
 
     began = time.perf_counter()
-    images = sample_images(net, autoencoder, objective, noise, labels, info["scaling_factor"], args.cfg, sampler,
-                           args.steps, args.batch_size, device, on_batch=write_batch)
+    with runtime.autocast():
+        images = sample_images(net, autoencoder, objective, noise, labels, info["scaling_factor"], args.cfg, sampler,
+                               args.steps, args.batch_size, device, on_batch=write_batch)
     seconds = time.perf_counter() - began
     bar.close()
     uint8 = to_uint8(images)
@@ -104,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {"diffusion": str(ckpt.path), "step": info["step"], "autoencoder": model_id, "n": args.num_images,
                "cfg": args.cfg, "sampler": sampler, "steps": args.steps or objective.default_steps, "seed": args.seed,
                "class": args.class_, "ema": not args.no_ema, "seconds": seconds,
-               "spacing": args.spacing if info["objective"] == "eps" else None}
+               "spacing": args.spacing if info["objective"] == "eps" else None, "runtime": runtime.record()}
     if args.fid_ref:
         summary["gfid"], summary["fid_reference_images"] = gfid(uint8, args.fid_ref, device=device)
         summary["fid_reference"] = args.fid_ref

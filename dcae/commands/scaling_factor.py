@@ -61,7 +61,7 @@ def latent_statistics(model, images, batch_size: int = 8) -> dict[str, float]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from dcae.commands.reconstruct import load_model
+    from dcae.runtime import load_model
     from dcae.data import SkippedImage, center_crop, load_image_file
     from dcae.errors import DCAEError
     from dcae.images import find_images

@@ -10,6 +10,7 @@ Anything else is a dotted override of the TrainConfig, e.g. `optim.lr=1e-4 phase
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from dcae.errors import DCAEError
 
@@ -37,14 +38,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
 
 
-def _flag_overrides(args: argparse.Namespace, recipe: bool) -> list[str]:
-    """The convenience flags, as overrides (applied before the key=value ones, which win)."""
+def flag_settings(args: argparse.Namespace, recipe: bool) -> dict[str, Any]:
+    """The convenience flags given, as typed config settings (applied before the key=value overrides, which win)."""
     pairs = [("preset", args.preset), ("data.path", args.data), ("data.val_path", args.val_data),
              ("init", args.init), ("run_dir", args.run_dir), ("steps", args.steps), ("batch_size", args.batch_size),
              ("seed", args.seed), ("data.num_workers", args.num_workers)]
     if not recipe:
         pairs.append(("phase.resolution", args.resolution))
-    return [f"{key}={value}" for key, value in pairs if value is not None]
+    return {key: value for key, value in pairs if value is not None}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,14 +59,14 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         if args.phase or args.preset or args.init:
             raise DCAEError("--resume continues a run with its saved config; drop --phase/--preset/--init")
-        config = training.load_run_config(args.resume, _flag_overrides(args, False) + list(args.overrides))
+        config = training.load_run_config(args.resume, args.overrides, flag_settings(args, False))
     else:
         if args.phase is None:
             raise DCAEError("choose --phase 1|2|3, --recipe three-phase, or --resume RUN_DIR")
         if not (args.data or any(o.startswith("data.path=") for o in args.overrides)):
             raise DCAEError("--data is required: an image folder or .tar shards")
         base = dataclasses.replace(training.TrainConfig(), phase=training.phase_config(args.phase))
-        config = training.apply_overrides(base, _flag_overrides(args, False) + list(args.overrides))
+        config = training.apply_overrides(base, args.overrides, flag_settings(args, False))
     if args.print_config:
         print(json.dumps(training.config_to_dict(config), indent=2))
         return 0
@@ -87,31 +88,25 @@ def _destroy_process_group() -> None:
 def _run_recipe(args: argparse.Namespace) -> int:
     import dataclasses
     import json
-    from pathlib import Path
 
     from dcae import train as training
 
     if args.phase:
         raise DCAEError("--recipe runs all three phases; drop --phase")
     if args.resume:
-        path = Path(args.resume) / "config.json"
-        if not path.is_file():
-            raise DCAEError(f"{args.resume}: not a recipe run (no config.json)")
-        saved = json.loads(path.read_text())
-        if "recipe" not in saved:
-            raise DCAEError(f"{args.resume}: is a single-phase run; resume it without --recipe")
-        configs = [training.config_from_dict(training.TrainConfig, c, str(path)) for c in saved["phases"]]
-        extra = [o for o in _flag_overrides(args, True) + list(args.overrides)
-                 if not o.startswith(("run_dir=", "init=", "preset="))]
+        configs, path = training.saved_recipe_configs(args.resume)
+        settings = {k: v for k, v in flag_settings(args, True).items() if k not in ("run_dir", "init", "preset")}
+        extra = [o for o in args.overrides if not o.startswith(("run_dir=", "init=", "preset="))]
         for k, c in enumerate(configs, start=1):
-            training.refuse_saved_commands(c, training.phase_overrides(extra, k), path)
+            training.refuse_saved_commands(c, training.phase_overrides(extra, k), path, settings)
         steps = _phase_steps(args.phase_steps) if args.phase_steps else [c.steps for c in configs]
-        configs = [training.apply_overrides(dataclasses.replace(c, steps=s), training.phase_overrides(extra, k))
+        configs = [training.apply_overrides(dataclasses.replace(c, steps=s), training.phase_overrides(extra, k),
+                                            settings)
                    for k, (c, s) in enumerate(zip(configs, steps), start=1)]
     else:
         if not args.data:
             raise DCAEError("--data is required: an image folder or .tar shards")
-        base = training.apply_overrides(training.TrainConfig(), _flag_overrides(args, True))
+        base = training.apply_overrides(training.TrainConfig(), settings=flag_settings(args, True))
         steps = _phase_steps(args.phase_steps) if args.phase_steps else (base.steps,) * 3
         configs = training.recipe_configs(base, steps, args.resolution, list(args.overrides))
     if args.print_config:

@@ -43,15 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_config(args: argparse.Namespace) -> tuple[TrainDiffusionConfig, bool]:
     """(config, resume) from flags and overrides; model.* overrides apply after the preset is sized to the cache."""
-    flag_overrides = [f"{key}={getattr(args, flag)}" for flag, key in FLAGS.items() if getattr(args, flag) is not None]
-    overrides = flag_overrides + list(args.overrides)
-    model_overrides = [o for o in overrides if o.startswith("model.")]
-    other_overrides = [o for o in overrides if not o.startswith("model.")]
+    settings = {key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None}
+    model_overrides = [o for o in args.overrides if o.startswith("model.")]
+    other_overrides = [o for o in args.overrides if not o.startswith("model.")]
     if args.resume:
         config = load_run_config(args.resume)
-        config = apply_overrides(dataclasses.replace(config, run_dir=args.resume), other_overrides)
+        config = apply_overrides(dataclasses.replace(config, run_dir=args.resume), other_overrides, settings)
         return apply_overrides(config, model_overrides), True
-    config = apply_overrides(TrainDiffusionConfig(), other_overrides)
+    config = apply_overrides(TrainDiffusionConfig(), other_overrides, settings)
     if not config.latents:
         raise DCAEError("no latent cache given (--latents DIR, written by dcae cache-latents)")
     config = dataclasses.replace(config, model=resolve_model_config(config, read_index(config.latents)))

@@ -575,7 +575,7 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dcae.commands.reconstruct import select_device
+    from dcae.runtime import resolve_device as select_device
 
     commit, command = git_commit(), command_line(args)  # before the defaults below are filled in
     device = select_device(args.device)

@@ -11,7 +11,6 @@ file list; under torchrun, rank r encodes the shards k with k % world_size == r.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -23,12 +22,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dcae.errors import DCAEError, write_failure
+from dcae.errors import DCAEError, first_line
+from dcae.files import atomic_write, atomic_write_text
 from dcae.images import find_images, read_image, to_model_range
+from dcae.latent_file import autoencoder_config_hash
 from dcae.metrics import adm_center_crop
+from dcae.tiling import available_memory
 
 INDEX_NAME = "index.json"
 CACHE_FORMAT = "dcae-latent-cache"
+HASH_DIGITS = 16  # of the autoencoder's config hash, in the index, every shard and diffusion checkpoints
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # What must agree between an existing cache and a rerun that would add shards to it.
 _PLAN_KEYS = ("files", "labels", "class_names", "resolution", "flip", "dtype", "shard_size", "latent_shape",
@@ -61,25 +64,10 @@ def load_cropped(path: str | os.PathLike, resolution: int) -> torch.Tensor:
     return to_model_range(adm_center_crop(read_image(path), resolution))
 
 
-def autoencoder_config_hash(autoencoder: torch.nn.Module) -> str:
-    """sha256 of the autoencoder's JSON config (the first 16 hex digits): which latent space a cache lives in."""
-    config = autoencoder.config_dict() if hasattr(autoencoder, "config_dict") else {"repr": repr(autoencoder)}
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` then rename onto `path`; a failure (full disk, read-only folder) removes tmp, raises DCAEError."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except Exception as error:
-        tmp.unlink(missing_ok=True)
-        raise DCAEError(f"{path}: cannot write: {write_failure(error, path.parent)}") from None
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+def cache_hash(autoencoder: torch.nn.Module) -> str:
+    """The autoencoder's config hash, first HASH_DIGITS hex digits: which latent space a cache (and a diffusion model
+    trained on it) lives in."""
+    return autoencoder_config_hash(autoencoder, HASH_DIGITS)
 
 
 def shard_name(k: int) -> str:
@@ -111,7 +99,7 @@ def plan_cache(files: list[Path], labels: list[int], class_names: list[str], aut
         "scaling_factor": getattr(config, "scaling_factor", None),  # None: unpublished; training estimates 1/std
         "autoencoder": {"source": autoencoder_source, "name": getattr(config, "name", type(autoencoder).__name__),
                         "spatial_factor": factor, "latent_channels": channels},
-        "autoencoder_config_hash": autoencoder_config_hash(autoencoder),
+        "autoencoder_config_hash": cache_hash(autoencoder),
         "files": [str(path) for path in files],
         "labels": labels,
     }
@@ -130,7 +118,7 @@ def read_index(directory: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise DCAEError(f"{path}: no latent cache index here (write one with `dcae cache-latents`)") from None
     except (OSError, ValueError, RecursionError) as error:  # ValueError: bad JSON or bad UTF-8
-        raise DCAEError(f"{path}: cannot read the cache index: {str(error).splitlines()[0]}") from None
+        raise DCAEError(f"{path}: cannot read the cache index: {first_line(error)}") from None
     if not isinstance(index, dict) or index.get("format") != CACHE_FORMAT:
         raise DCAEError(f"{path}: not a dcae latent cache index")
     problem = _index_problem(index)
@@ -277,8 +265,6 @@ def load_latent_cache(directory: str | os.PathLike, use_flip: bool = True, max_b
     copies = 2 if use_flip and index["flip"] else 1
     need = index["count"] * copies * 4 * math.prod(index["latent_shape"])  # float32 in memory
     if max_bytes is None:
-        from dcae.tiling import available_memory
-
         max_bytes = int(0.8 * available_memory(torch.device("cpu")))
     if need > max_bytes:
         raise DCAEError(f"{directory}: the cache needs {need / 1e9:.1f} GB in memory, over the limit of "
@@ -322,9 +308,7 @@ def _read_shard(path: Path, index: dict[str, Any], n: int, want_flip: bool) -> d
     except DCAEError:
         raise
     except Exception as error:  # safetensors' own errors (bad header, truncated data), OSError
-        text = str(error).strip()
-        raise DCAEError(f"{path}: cannot read the shard: {text.splitlines()[0] if text else type(error).__name__}") \
-            from None
+        raise DCAEError(f"{path}: cannot read the shard: {first_line(error)}") from None
     for name in ("latents", "latents_flip"):
         if name in tensors:
             tensors[name] = tensors[name].float()

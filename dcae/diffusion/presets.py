@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import torch.nn as nn
 
+from dcae.config import config_from_dict
 from dcae.diffusion.dit import DiT, DiT_models, DiTConfig
 from dcae.diffusion.uvit import UViT, UViT_models, UViTConfig
 from dcae.errors import DCAEError
@@ -42,8 +43,4 @@ def model_config_from_dict(d: dict[str, Any]) -> ModelConfig:
     arch = d.get("arch")
     if arch not in ARCHITECTURES:
         raise ValueError(f"model config has unknown arch {arch!r}; expected one of {sorted(ARCHITECTURES)}")
-    cls = ARCHITECTURES[arch][0]
-    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise ValueError(f"model config has unknown keys {sorted(unknown)}")
-    return cls(**d)
+    return config_from_dict(ARCHITECTURES[arch][0], d, "model config")

@@ -5,7 +5,7 @@ nccl on CUDA). Everything random is a pure function of (seed, step, rank): the b
 permutations seeded (seed, epoch), and times, noise and label dropout come from one torch.Generator per rank whose
 state is saved, so a resumed run continues bit-exactly (with the same world size).
 
-Run directory (the same layout as the autoencoder trainer, dcae/train.py):
+Run directory (the layout of dcae/runs.py, shared with the autoencoder trainer):
     config.json               the resolved TrainDiffusionConfig
     log.jsonl                 one JSON object per log line / event
     checkpoints/latest        name of the newest complete checkpoint (replaced atomically)
@@ -18,44 +18,30 @@ import copy
 import dataclasses
 import json
 import time
-import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from dcae.config import apply_overrides as config_overrides
+from dcae.config import config_from_dict, config_to_dict
 from dcae.diffusion.latents import LatentCache, estimate_scaling_factor, load_latent_cache
 from dcae.diffusion.objectives import OBJECTIVES, get_objective
 from dcae.diffusion.presets import ModelConfig, create_diffusion_model, get_diffusion_config, model_config_from_dict
 from dcae.errors import DCAEError
-from dcae.train import (
-    Dist,
-    JsonlLog,
-    OptimConfig,
-    StopFlag,
-    _parse_value,
-    autocast,
-    build_optimizer,
-    checkpoint_dir,
-    config_from_dict,
-    config_to_dict,
-    init_distributed,
-    latest_checkpoint,
-    load_state,
-    lr_at,
-    prune_checkpoints,
-    reduce_mean,
-    update_ema,
-    write_checkpoint_dir,
+from dcae.runs import (
+    PRECISIONS, JsonlLog, OptimConfig, StopFlag, barrier, build_optimizer, config_text, ema_decay_at, gather,
+    init_distributed, latest_checkpoint, load_state, lr_at, open_run, precision_record, read_json_file, reduce_mean,
+    report_stop, resolve_precision, save_run_config, update_ema, wrap_ddp, write_checkpoint_dir,
 )
+from dcae.runtime import autocast
 
 METADATA_KEY = "dcae_diffusion"  # safetensors metadata entry holding the checkpoint's JSON description
 
@@ -76,7 +62,7 @@ class TrainDiffusionConfig:
     class_dropout: float = 0.1  # labels replaced by the null class with this probability (classifier-free guidance)
     use_flip: bool = True  # train on the cache's mirrored latents too, when it has them
     scaling_factor: float | None = None  # latents are multiplied by it; None: the cache's, else 1/std estimated
-    precision: str = "fp32"  # "fp32" | "bf16" (autocast) | "auto": bf16 on CUDA, fp32 on CPU
+    precision: str = "auto"  # "fp32" | "bf16" (autocast) | "auto": bf16 where native (CUDA, AVX512-BF16/AMX CPUs)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     log_every: int = 10
     ckpt_every: int = 500
@@ -86,24 +72,11 @@ class TrainDiffusionConfig:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Config: dotted overrides and (de)serialisation
-def apply_overrides(config: TrainDiffusionConfig, overrides: list[str]) -> TrainDiffusionConfig:
-    """A copy with `key=value` overrides applied, e.g. ["optim.lr=3e-4", "model.depth=4", "objective=eps"]."""
-    config = copy.deepcopy(config)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise DCAEError(f"override {item!r}: expected key=value (e.g. optim.lr=1e-4)")
-        *path, name = key.strip().split(".")
-        target = config
-        for part in path:
-            target = getattr(target, part, None) if dataclasses.is_dataclass(target) else None
-            if not dataclasses.is_dataclass(target):
-                raise DCAEError(f"override {key}: no config section {part!r}")
-        kinds = typing.get_type_hints(type(target))
-        if name not in kinds or name == "arch" or dataclasses.is_dataclass(getattr(target, name)):
-            raise DCAEError(f"override {key}: unknown key {name!r}")
-        setattr(target, name, _parse_value(text.strip(), kinds[name], key))
-    return config
+def apply_overrides(config: TrainDiffusionConfig, overrides: Iterable[str] = (),
+                    settings: Mapping[str, Any] | None = None) -> TrainDiffusionConfig:
+    """A copy with typed `settings` ({dotted key: value}, e.g. from flags) and then `key=value` overrides applied,
+    e.g. ["optim.lr=3e-4", "model.depth=4", "objective=eps"]; a model's `arch` is fixed by its preset."""
+    return config_overrides(config, overrides, settings, fixed=("arch",))
 
 
 def config_dict(config: TrainDiffusionConfig) -> dict[str, Any]:
@@ -133,7 +106,7 @@ def check_config(config: TrainDiffusionConfig, index: dict[str, Any], world_size
     """Reject values that would fail later with a less clear message."""
     if config.objective not in OBJECTIVES:
         raise DCAEError(f"objective={config.objective!r}: choose from {', '.join(OBJECTIVES)}")
-    if config.precision not in ("auto", "fp32", "bf16"):
+    if config.precision not in PRECISIONS:
         raise DCAEError(f"precision={config.precision!r}: choose auto, fp32 or bf16")
     for name in ("batch_size", "log_every", "ckpt_every"):
         if getattr(config, name) < 1:
@@ -170,11 +143,6 @@ def drop_labels(labels: torch.Tensor, p: float, null_class: int, generator: torc
     return torch.where(drop, torch.full_like(labels, null_class), labels)
 
 
-def ema_decay_at(step: int, decay: float) -> float:
-    """EMA warm-up: a young average follows the weights closely, then settles at `decay`."""
-    return min(decay, (1 + step) / (10 + step))
-
-
 def resolve_scaling_factor(config: TrainDiffusionConfig, cache: LatentCache) -> tuple[float, str]:
     """(factor, where it came from): the config's, the autoencoder's published one, or 1/std of the cache."""
     if config.scaling_factor is not None:
@@ -200,17 +168,15 @@ def _weights(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: nn.Module, state: dict[str, Any],
                     config: TrainDiffusionConfig, index: dict[str, Any]) -> Path:
-    """Write checkpoints/step_N atomically (dcae.train.write_checkpoint_dir), then prune old ones."""
+    """Write checkpoints/step_N atomically (dcae.runs.write_checkpoint_dir), then prune old ones."""
     def write_files(tmp: Path) -> None:
         metadata = checkpoint_metadata(config, index, step)
         save_file(_weights(model), tmp / "model.safetensors", metadata=metadata)
         save_file(_weights(ema), tmp / "ema.safetensors", metadata=metadata)
         torch.save(state, tmp / "state.pt")
-        (tmp / "train_config.json").write_text(json.dumps(config_dict(config), indent=2) + "\n")
+        (tmp / "train_config.json").write_text(config_text(config))
 
-    final = write_checkpoint_dir(run_dir, step, write_files)
-    prune_checkpoints(checkpoint_dir(run_dir), config.keep_checkpoints, keep=final)
-    return final
+    return write_checkpoint_dir(run_dir, step, write_files, keep_last=config.keep_checkpoints)
 
 
 def load_weights(module: nn.Module, path: Path) -> None:
@@ -219,28 +185,14 @@ def load_weights(module: nn.Module, path: Path) -> None:
     module.load_state_dict(state, strict=True)
 
 
-def gather_generator_states(generator: torch.Generator, d: Dist) -> torch.Tensor:
-    """Every rank's generator state stacked (world_size, n) uint8, on every rank."""
-    mine = generator.get_state()
-    if d.world_size == 1:
-        return mine[None]
-    states: list[Any] = [None] * d.world_size
-    dist.all_gather_object(states, mine)
-    return torch.stack(states)
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The training loop
 def train_diffusion(config: TrainDiffusionConfig, resume: bool = False) -> Path:
     """Train until `config.steps`; returns the run directory. `resume=True` continues its latest checkpoint."""
     d = init_distributed(config.device)
-    precision = config.precision if config.precision != "auto" else ("bf16" if d.device.type == "cuda" else "fp32")
+    precision = resolve_precision(config.precision, d.device)
     run_dir = Path(config.run_dir)
-    resume_from = latest_checkpoint(run_dir) if resume else None
-    if resume and resume_from is None:
-        raise DCAEError(f"{run_dir}: no checkpoint to resume from")
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise DCAEError(f"{run_dir}: already holds a training run; pass --resume to continue it or choose another --run-dir")
+    resume_from = open_run(run_dir, resume)
     state = load_state(resume_from) if resume_from is not None else None
 
     cache = load_latent_cache(config.latents, use_flip=config.use_flip)
@@ -265,28 +217,25 @@ def train_diffusion(config: TrainDiffusionConfig, resume: bool = False) -> Path:
         if len(state["rng"]) != d.world_size:
             raise DCAEError(f"{resume_from}: saved by {len(state['rng'])} processes; resume with the same number")
         generator.set_state(state["rng"][d.rank].clone())  # a row of the stack is a view; set_state wants its own
-    ddp_model: nn.Module = model
-    if d.world_size > 1:
-        ddp_model = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+    ddp_model = wrap_ddp(model, d)
     null_class = model.null_class
 
     log = JsonlLog(run_dir / "log.jsonl" if d.is_main else None)
     if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(config_dict(config), indent=2) + "\n")
+        save_run_config(run_dir, config)
         log.write(event="resume" if resume_from else "start", step=step, world_size=d.world_size,
-                  device=str(d.device), precision=precision, params=sum(p.numel() for p in model.parameters()),
+                  device=str(d.device), **precision_record(config.precision, precision, d.device),
+                  params=sum(p.numel() for p in model.parameters()),
                   latents=len(cache.latents), scaling_factor=scale, scaling_factor_source=scale_source,
                   resumed_from=str(resume_from) if resume_from else None)
 
     def checkpoint_now() -> None:
-        rng = gather_generator_states(generator, d)
+        rng = torch.stack(gather(generator.get_state(), d))  # (world_size, n) uint8: every rank's generator
         if d.is_main:
             full_state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng, "world_size": d.world_size}
             path = save_checkpoint(run_dir, step, model, ema, full_state, config, cache.index)
             log.write(event="checkpoint", step=step, path=str(path))
-        if d.world_size > 1:
-            dist.barrier()
+        barrier(d)
 
     bar = tqdm(total=config.steps, initial=step, disable=not (d.is_main and config.progress), dynamic_ncols=True,
                desc="train-diffusion")
@@ -336,9 +285,7 @@ def train_diffusion(config: TrainDiffusionConfig, resume: bool = False) -> Path:
         bar.close()
     if interrupted:
         if d.is_main:
-            log.write(event="stop", step=step, reason=interrupted)
-            print(f"dcae train-diffusion: stopped by {interrupted} at step {step}; checkpoint saved. "
-                  f"Continue with: dcae train-diffusion --resume {run_dir}", flush=True)
+            report_stop(log, "train-diffusion", step, interrupted, run_dir)
         raise KeyboardInterrupt
     if d.is_main:
         log.write(event="done", step=step)
@@ -352,11 +299,7 @@ def load_run_config(run_dir: str | Path) -> TrainDiffusionConfig:
     path = ckpt / "train_config.json" if ckpt is not None else run_dir / "config.json"
     if not path.is_file():
         raise DCAEError(f"{run_dir}: not a diffusion training run (no checkpoint, no config.json)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise DCAEError(f"{path}: not valid JSON ({error.msg})") from None
-    return dataclasses.replace(config_from_json(data, str(path)), run_dir=str(run_dir))
+    return dataclasses.replace(config_from_json(read_json_file(path), str(path)), run_dir=str(run_dir))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
