@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dcae.commands.options import add_dtype_argument
 from dcae.errors import DCAEError
 
 
@@ -17,17 +18,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ADM centre-crop size R, as in dcae eval (default: 256)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images (sorted by path)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+    add_dtype_argument(parser)
     parser.add_argument("--stats-cache", type=Path, default=None,
                         help="folder for cached reference Inception statistics (default: ~/.cache/dcae/fid_stats)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from dcae.commands.eval import evaluate, load_model, reference_key
-    from dcae.commands.metrics import default_device
+    from dcae.commands.eval import evaluate, reference_key
     from dcae.images import find_images
     from dcae.metrics import FeatureStats
     from dcae.report_html import ComparisonReport
+    from dcae.runtime import Runtime, load_model
 
     if args.resolution <= 0 or args.batch_size <= 0 or (args.limit is not None and args.limit <= 0):
         raise DCAEError("--resolution, --batch-size and --limit must be positive")
@@ -37,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     if not found:
         raise DCAEError(f"{args.data}: no images found")
     files, names = [p for p, _ in found], {p: str(rel) for p, rel in found}
-    device = default_device(args.device)
+    runtime = Runtime.choose(args.device, args.dtype)
+    runtime.announce("compare")
     report = ComparisonReport(args.output, args.model, title=f"dcae compare: {len(args.model)} models",
                               settings={"data": args.data, "resolution": args.resolution, "images": len(files),
                                         **{f"model {i + 1}": m for i, m in enumerate(args.model)}})
@@ -46,12 +49,12 @@ def run(args: argparse.Namespace) -> int:
     reference = FeatureStats.load(cache) if cache.is_file() else None
     means = []
     for index, spec in enumerate(args.model):
-        model = load_model(spec)
+        model, _ = load_model(spec, runtime.device, "compare")
         factor = int(getattr(model, "spatial_factor", 1))
         if args.resolution % factor:
             raise DCAEError(f"--resolution {args.resolution} is not a multiple of {spec}'s spatial factor {factor}")
-        result, ref_stats = evaluate(model, files, args.resolution, args.batch_size, device, reference,
-                                     on_batch=report.batch_writer(index, names))
+        result, ref_stats = evaluate(model, files, args.resolution, args.batch_size, runtime.device, reference,
+                                     runtime=runtime, on_batch=report.batch_writer(index, names))
         if reference is None and ref_stats.n >= 2:
             ref_stats.save(cache)
             reference = ref_stats
