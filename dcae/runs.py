@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from dcae.config import config_to_dict
 from dcae.errors import DCAEError, first_line, write_failure
 from dcae.runtime import hardware_record, resolve_device, resolve_dtype
+from dcae.tensorboard import TensorBoardLogger
 
 CHECKPOINT_SLEEP_ENV = "DCAE_TEST_CHECKPOINT_SLEEP"  # test hook: seconds to sleep between writing and renaming
 PRECISIONS = ("auto", "fp32", "bf16")  # training's precision=; fp16 would need a gradient scaler
@@ -309,10 +310,15 @@ def load_state(path: Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------------
 # Logs and stopping
 class JsonlLog:
-    """Append-only JSON-lines log (rank 0 only)."""
+    """Append-only JSON-lines log (rank 0 only), the run's source of truth.
 
-    def __init__(self, path: Path | None):
+    With a `tensorboard` logger, every record that has a `step` is mirrored there too: step lines as `train/KEY`,
+    validation as `val/KEY`, other events as `EVENT/KEY`; non-numeric fields are skipped.
+    """
+
+    def __init__(self, path: Path | None, tensorboard: TensorBoardLogger | None = None):
         self.path = path
+        self.tensorboard = tensorboard
 
     def write(self, **record: Any) -> None:
         if self.path is None:
@@ -320,6 +326,15 @@ class JsonlLog:
         record = {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in record.items()}
         with run_dir_errors(self.path.parent), open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None and isinstance(record.get("step"), int):
+            event = record.get("event")
+            values = {k: v for k, v in record.items() if k not in ("step", "event")}
+            self.tensorboard.scalars(record["step"], values, prefix=f"{event or 'train'}/")
+
+    def close(self) -> None:
+        """Close the TensorBoard mirror (log.jsonl is opened per write and needs no closing)."""
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 class StopFlag:

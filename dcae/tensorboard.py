@@ -2,9 +2,9 @@
 
 The hook a trainer needs (`--tensorboard` on dcae train / train-diffusion):
     tb = TensorBoardLogger(run_dir / "tensorboard" if config.tensorboard and is_main else None)
-    tb.scalars(step, {"loss": ..., "lr": ...})        # beside each JsonlLog.write of a log line or validation
-    tb.image(step, "samples", grid)                    # (3, H, W) uint8, beside save_sample_grid
-    tb.close()                                         # in the trainer's finally
+    log = JsonlLog(path, tb)                           # mirrors every record with a step via tb.scalars
+    tb.image(step, "val/samples", grid)                # (3, H, W) uint8, beside save_sample_grid
+    log.close()                                        # closes tb, in the trainer's finally
 """
 from __future__ import annotations
 

@@ -45,6 +45,7 @@ from dcae.runs import (
     write_checkpoint_dir,
 )
 from dcae.runtime import autocast
+from dcae.tensorboard import TensorBoardLogger
 
 TRAINABLE_SETS = ("all", "latent_adaptation", "decoder_head")
 
@@ -98,6 +99,7 @@ class TrainConfig:
     keep_checkpoints: int = 3  # older step_N directories are removed
     max_bad_steps: int = 10  # stop after this many non-finite losses/gradients in a row
     progress: bool = True  # tqdm bar on rank 0
+    tensorboard: bool = False  # mirror log.jsonl (and validation sample grids) to RUN_DIR/tensorboard, rank 0
     phase: PhaseConfig = field(default_factory=PhaseConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
@@ -280,8 +282,10 @@ def validate(model: nn.Module, images: torch.Tensor, lpips: nn.Module, d: Dist, 
 
 
 @torch.no_grad()
-def save_sample_grid(path: Path, model: nn.Module, images: torch.Tensor, device: torch.device, precision: str) -> None:
-    """Up to 8 images in a row over their reconstructions, one PNG (leaves the model in eval mode)."""
+def save_sample_grid(path: Path, model: nn.Module, images: torch.Tensor, device: torch.device,
+                     precision: str) -> torch.Tensor:
+    """Up to 8 images in a row over their reconstructions, one PNG; returns the (3, H, W) uint8 grid (leaves the model
+    in eval mode)."""
     from dcae.images import write_image
     from dcae.metrics import to_uint8
 
@@ -290,7 +294,9 @@ def save_sample_grid(path: Path, model: nn.Module, images: torch.Tensor, device:
     with autocast(device, precision):
         y = model(x).float()
     rows = [torch.cat(list(to_uint8(t).cpu()), dim=2) for t in (x, y)]  # each (3, R, n*R)
-    write_image(path, torch.cat(rows, dim=1))
+    grid = torch.cat(rows, dim=1)  # (3, 2R, n*R)
+    write_image(path, grid)
+    return grid
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -369,7 +375,8 @@ class Trainer:
             from dcae.perceptual import LPIPS
 
             self.lpips = LPIPS("alex").to(d.device)
-        self.log = JsonlLog(self.run_dir / "log.jsonl" if d.is_main else None)
+        self.tensorboard = TensorBoardLogger(self.run_dir / "tensorboard" if config.tensorboard and d.is_main else None)
+        self.log = JsonlLog(self.run_dir / "log.jsonl" if d.is_main else None, self.tensorboard)
 
     def restore(self, state: dict[str, Any], source: Path) -> dict[str, Any]:
         """Load optimizer/EMA/discriminator/RNG/counters from a checkpoint; returns this rank's data position."""
@@ -488,8 +495,9 @@ class Trainer:
             return None
         metrics = validate(self.model, self.val_images, self.lpips, self.d, self.precision)
         if self.d.is_main:
-            save_sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png", self.model, self.val_images,
-                             self.d.device, self.precision)
+            grid = save_sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png", self.model,
+                                    self.val_images, self.d.device, self.precision)
+            self.tensorboard.image(self.step, "val/samples", grid)
             self.log.write(event="val", step=self.step, **metrics)
         set_train_mode(self.model)
         return metrics
@@ -554,6 +562,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     finally:
         bar.close()
         trainer.stream.close()
+        trainer.log.close()
     if interrupted:
         if d.is_main:
             report_stop(trainer.log, "train", trainer.step, interrupted, run_dir)

@@ -196,3 +196,22 @@ def test_ddp_two_processes_resume_exactly(cache_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     state = torch.load(tmp_path / "resumed" / "checkpoints" / "step_00000003" / "state.pt", weights_only=True)
     assert state["world_size"] == 2 and not torch.equal(state["rng"][0], state["rng"][1])
+
+
+def test_tensorboard_mirrors_log_jsonl(cache_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_diffusion(tiny_config(cache_dir, tmp_path / "plain", steps=2))
+    assert not (tmp_path / "plain" / "tensorboard").exists()
+    run_dir = tmp_path / "tb"
+    train_diffusion(tiny_config(cache_dir, run_dir, steps=3, tensorboard=True))
+    assert load_run_config(run_dir).tensorboard
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("train/loss")}
+    lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    expected = {line["step"]: line["loss"] for line in lines if "loss" in line}
+    assert sorted(logged) == sorted(expected) == [1, 2, 3]
+    assert all(logged[s] == pytest.approx(expected[s], rel=1e-6) for s in expected)
+    assert "train/lr" in events.Tags()["scalars"] and "train/event" not in events.Tags()["scalars"]

@@ -307,6 +307,7 @@ def test_cli_phase3_gan_bf16_validation_and_samples(tmp_path, capsys):
     for (name, b), c in zip(trained.named_buffers(), init.buffers()):
         assert torch.equal(b, c), name
     assert "done, step 3" in capsys.readouterr().out
+    assert not (run_dir / "tensorboard").exists()  # no --tensorboard, no folder
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
@@ -363,3 +364,35 @@ def test_training_on_tar_shards(tmp_path):
     state = load_state(latest_checkpoint(run_dir))
     assert state["data"][0]["kind"] == "shards" and state["step"] == 2
     assert log_lines(run_dir)[0]["data"] == "shards"
+
+
+def tensorboard_scalars(log_dir: Path) -> tuple[dict[str, dict[int, float]], list[str]]:
+    """{tag: {step: value}} and the image tags of the event files under `log_dir`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    scalars = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+    return scalars, events.Tags()["images"]
+
+
+def test_cli_tensorboard_mirrors_log_jsonl(tmp_path):
+    pytest.importorskip("tensorboard")
+    run_dir = tmp_path / "tb"  # (test_cli_phase3_gan_bf16_validation_and_samples checks: no flag, no folder)
+    assert main(["train", "--preset", PRESET, "--data", str(BSDS_VAL), "--val-data", str(BSDS_VAL), "--phase", "1",
+                 "--steps", "2", "--batch-size", "2", "--resolution", "64", "--num-workers", "0", "data.val_images=2",
+                 "data.val_resolution=32", "lpips_weight=0", "progress=false", "log_every=1", "--run-dir", str(run_dir),
+                 "--tensorboard"]) == 0
+    assert load_run_config(run_dir).tensorboard
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    scalars, images = tensorboard_scalars(run_dir / "tensorboard")
+    lines = log_lines(run_dir)
+    steps = [line for line in lines if "loss" in line]
+    assert [line["step"] for line in steps] == [1, 2]
+    for line in steps:
+        assert scalars["train/loss"][line["step"]] == pytest.approx(line["loss"], rel=1e-6)
+        assert scalars["train/lr"][line["step"]] == pytest.approx(line["lr"], rel=1e-6)
+    vals = {line["step"]: line for line in lines if line.get("event") == "val"}
+    assert sorted(scalars["val/val_psnr"]) == sorted(vals) == [0, 2]
+    assert scalars["val/val_psnr"][2] == pytest.approx(vals[2]["val_psnr"], rel=1e-6)
+    assert "train/event" not in scalars and "val/samples" in images

@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int, help="crop size (recipe: phases 1 and 3; phase 2 gets twice it)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--num-workers", type=int, help="DataLoader worker processes")
+    parser.add_argument("--tensorboard", action="store_true", default=None,
+                        help="also log scalars and validation sample grids to RUN_DIR/tensorboard")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
 
 
@@ -42,7 +44,7 @@ def flag_settings(args: argparse.Namespace, recipe: bool) -> dict[str, Any]:
     """The convenience flags given, as typed config settings (applied before the key=value overrides, which win)."""
     pairs = [("preset", args.preset), ("data.path", args.data), ("data.val_path", args.val_data),
              ("init", args.init), ("run_dir", args.run_dir), ("steps", args.steps), ("batch_size", args.batch_size),
-             ("seed", args.seed), ("data.num_workers", args.num_workers)]
+             ("seed", args.seed), ("data.num_workers", args.num_workers), ("tensorboard", args.tensorboard)]
     if not recipe:
         pairs.append(("phase.resolution", args.resolution))
     return {key: value for key, value in pairs if value is not None}

@@ -23,7 +23,7 @@ from dcae.errors import DCAEError
 
 # flag -> config key; flags default to None so that only the ones given override a resumed run's config
 FLAGS = {"latents": "latents", "preset": "preset", "steps": "steps", "batch_size": "batch_size", "lr": "optim.lr",
-         "objective": "objective", "run_dir": "run_dir", "seed": "seed"}
+         "objective": "objective", "run_dir": "run_dir", "seed": "seed", "tensorboard": "tensorboard"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", metavar="RUN", help="where checkpoints and logs go")
     parser.add_argument("--resume", metavar="RUN", help="continue this run from its newest checkpoint")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--tensorboard", action="store_true", default=None,
+                        help="also log the log.jsonl scalars to RUN/tensorboard")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.depth=4")
 
 

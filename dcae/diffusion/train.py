@@ -42,6 +42,7 @@ from dcae.runs import (
     report_stop, resolve_precision, save_run_config, update_ema, wrap_ddp, write_checkpoint_dir,
 )
 from dcae.runtime import autocast
+from dcae.tensorboard import TensorBoardLogger
 
 METADATA_KEY = "dcae_diffusion"  # safetensors metadata entry holding the checkpoint's JSON description
 
@@ -68,6 +69,7 @@ class TrainDiffusionConfig:
     ckpt_every: int = 500
     keep_checkpoints: int = 2
     progress: bool = True  # tqdm bar on rank 0
+    tensorboard: bool = False  # mirror log.jsonl to RUN_DIR/tensorboard, rank 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -220,7 +222,8 @@ def train_diffusion(config: TrainDiffusionConfig, resume: bool = False) -> Path:
     ddp_model = wrap_ddp(model, d)
     null_class = model.null_class
 
-    log = JsonlLog(run_dir / "log.jsonl" if d.is_main else None)
+    tensorboard = TensorBoardLogger(run_dir / "tensorboard" if config.tensorboard and d.is_main else None)
+    log = JsonlLog(run_dir / "log.jsonl" if d.is_main else None, tensorboard)
     if d.is_main:
         save_run_config(run_dir, config)
         log.write(event="resume" if resume_from else "start", step=step, world_size=d.world_size,
@@ -283,6 +286,7 @@ def train_diffusion(config: TrainDiffusionConfig, resume: bool = False) -> Path:
             checkpoint_now()
     finally:
         bar.close()
+        log.close()
     if interrupted:
         if d.is_main:
             report_stop(log, "train-diffusion", step, interrupted, run_dir)
