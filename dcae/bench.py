@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from dcae.provenance import reproducing_command
 from dcae.runtime import (
     DTYPE_CHOICES,
     DTYPES,
@@ -397,19 +398,7 @@ def _diffusers_call(reference, op: str, value: torch.Tensor, dtype: str, device:
 
 def command_line(args: argparse.Namespace) -> str:
     """The `dcae bench ae` command that reproduces this run (options that differ from the defaults)."""
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    defaults = vars(parser.parse_args([]))
-    parts = ["dcae bench ae"]
-    for key, value in vars(args).items():
-        if key not in defaults or value == defaults[key]:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            parts.append(flag)
-        else:
-            parts.append(" ".join([flag, *map(str, value if isinstance(value, list) else [value])]))
-    return " ".join(parts)
+    return reproducing_command("dcae bench ae", add_arguments, args)
 
 
 def _row(impl, op, dtype, resolution, batch, seconds, memory, flops, peak) -> dict[str, Any]:

@@ -45,6 +45,12 @@ def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """`write(tmp)` fills a temporary path (for writers that want a file name: safetensors, torch.save), which is
     then renamed onto `path`; a failure (full disk, read-only folder) removes it and raises DCAEError."""
@@ -52,6 +58,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     tmp = _temporary_name(path)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # some writers (safetensors) make 0600 files; a result is an ordinary file
         os.replace(tmp, path)
     except BaseException as error:
         with contextlib.suppress(OSError):

@@ -11,13 +11,14 @@ every number it invalidates.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 REPO = Path(__file__).resolve().parents[1]
 EMBEDDED_DEFAULT = REPO / "dcae" / "assets" / "default-f32c32" / "model.safetensors"
@@ -77,6 +78,25 @@ def command_line() -> str:
     else:
         head = sys.argv[:1]
     return shlex.join([Path(sys.executable).name, *head, *sys.argv[1:]])
+
+
+def reproducing_command(prog: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+                        args: argparse.Namespace) -> str:
+    """`prog` plus the options in `args` that differ from the defaults `add_arguments` declares: the command that
+    reproduces a run whose options were filled in programmatically (the benches), not read from sys.argv."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = vars(parser.parse_args([]))
+    parts = [prog]
+    for key, value in vars(args).items():
+        if key not in defaults or value == defaults[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        else:
+            parts.append(" ".join([flag, *map(str, value if isinstance(value, list) else [value])]))
+    return " ".join(parts)
 
 
 def _relative(path: Path) -> str:

@@ -15,12 +15,10 @@ model a file is (and its scaling factor) is `dcae.presets`' question; `dcae.pret
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -28,6 +26,7 @@ from safetensors.torch import save_file
 
 from dcae.autoencoder import DCAE, DCAEConfig, DecoderConfig, EncoderConfig
 from dcae.errors import DCAEError
+from dcae.files import atomic_write, atomic_write_text
 
 FORMATS = ("dcae", "diffusers", "efficientvit")
 DCAE_WEIGHTS = "model.safetensors"
@@ -442,28 +441,13 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
 # ----------------------------------------------------------------------------------------------------------------------
 # Saving
 # ----------------------------------------------------------------------------------------------------------------------
-def _atomic_write(target: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary file in the same directory, then rename: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and safetensors) make 0600 files; a checkpoint is an ordinary file
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8"))
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def save_pretrained(model: DCAE, directory: str | Path, format: str = "dcae",
@@ -495,9 +479,56 @@ def save_pretrained(model: DCAE, directory: str | Path, format: str = "dcae",
             config_json = diffusers_config(config)
             write_safetensors(directory / DIFFUSERS_WEIGHTS, to_diffusers(state), metadata)
             write_json(directory / "config.json", config_json)
+        atomic_write_text(directory / "README.md", model_card(model, format))
     except OSError as error:
         raise DCAEError(f"{directory}: cannot write checkpoint ({error.strerror or error})") from None
     return directory
+
+
+_LOADERS = {
+    "dcae": "import dcae\nmodel = dcae.DCAE.from_pretrained(\"{repo}\")",
+    "diffusers": "from diffusers import AutoencoderDC\nmodel = AutoencoderDC.from_pretrained(\"{repo}\")",
+    "efficientvit": "import dcae  # or efficientvit's DCAE_HF with this folder's config\n"
+                    "model = dcae.DCAE.from_pretrained(\"{repo}\")",
+}
+
+
+def model_card(model: DCAE, format: str) -> str:
+    """README.md for a saved model: the metadata model hubs read (YAML front matter) and what a user needs to know.
+
+    Every value comes from the config, so the card never claims what the checkpoint does not carry; how the weights
+    were trained is the trainer's to add (a run's MODEL_CARD.md), not something a config knows.
+    """
+    config = model.config
+    params = sum(p.numel() for p in model.parameters())
+    factor = config.scaling_factor
+    scaling = (f"`{factor:.6g}` (multiply latents by it before diffusion; 1 / RMS of the latents, docs/models.md)"
+               if factor is not None else "not measured: run `dcae scaling-factor --model THIS_FOLDER --data IMAGES` "
+               "before training a diffusion model on these latents")
+    tags = ["dc-ae", "autoencoder", "image-compression", f"f{config.spatial_factor}c{config.latent_channels}"]
+    if format == "diffusers":
+        tags.append("diffusers")
+    structured = ("\n- Structured latent (DC-AE 1.5): any first k channels decode (`model.encode(x, channels=k)`)."
+                  if config.structured_latent else "")
+    front = "\n".join(["---", f"library_name: {'diffusers' if format == 'diffusers' else 'dcae'}", "tags:",
+                        *[f"- {tag}" for tag in tags], "---"])
+    name = json.dumps(config.name)[1:-1]  # a config string reaches markdown: keep it one plain line
+    return f"""{front}
+# {name}
+
+A DC-AE (Deep Compression Autoencoder, [arXiv 2410.10733](https://arxiv.org/abs/2410.10733)) saved by dcae in the
+`{format}` layout.
+
+- Preset / architecture: `{name}`, {params / 1e6:.1f}M parameters
+- Compression: {config.spatial_factor}x per side, {config.latent_channels} latent channels
+  (a 3xHxW image becomes {config.latent_channels}x(H/{config.spatial_factor})x(W/{config.spatial_factor}))
+- Latent scaling factor: {scaling}{structured}
+- Images in [-1, 1]; `decode(encode(x))` reconstructs x.
+
+```python
+{_LOADERS[format].format(repo="THIS_FOLDER_OR_HUB_ID")}
+```
+"""
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Shared pieces of the small-scale reproduction studies (issue 6): data, budgeted training, evaluation, results.
+"""Shared pieces of the small-scale reproduction studies: data, budgeted training, evaluation, results.
 
 The studies run as modules from the repository root, e.g. `python -m experiments.residual_study --budget-min 40`.
 
@@ -10,7 +10,7 @@ The studies run as modules from the repository root, e.g. `python -m experiments
   budget it has left. Stop a study with Ctrl-C or SIGTERM: its trainer gets a SIGINT and checkpoints.
 - `evaluate`: a run's weights on Kodak24 / Sun-Hays80, either `dcae eval` (ADM centre crop to R, with rFID) or
   "native" (each image whole, cropped only to a multiple of the spatial factor).
-- `write_json_atomic`: results files are replaced in one rename, never left half-written.
+- `write_json_atomic` (dcae.files.write_json): results files are replaced in one rename, never left half-written.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from dcae.files import write_json as write_json_atomic
 from dcae.provenance import file_sha256, provenance
 
 REPO = Path(__file__).resolve().parents[1]
@@ -346,18 +347,6 @@ def evaluate_native(model_path: str | Path, folder: Path, limit: int | None = No
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Results
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file beside `path`, fsync, rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(json.dumps(data, indent=2) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def compression_ratio(preset: str) -> dict[str, Any]:
     """Numbers per image: pixels 3*H*W over latent c*(H/f)*(W/f) = 3 f^2 / c; plus the parameter count."""
     import dcae

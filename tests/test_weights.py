@@ -295,3 +295,19 @@ def test_channels_option_on_structured_and_plain_models(tmp_path, capsys, data_d
                  "--channels", "8"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]  # after the random-weights warning
     assert error.startswith("dcae reconstruct: error:") and "no structured latent" in error
+
+
+@pytest.mark.parametrize("format", ["dcae", "diffusers", "efficientvit"])
+def test_save_pretrained_writes_a_model_card(tmp_path, format):
+    """README.md carries the hub metadata (library, tags) and the facts a user needs, all read from the config."""
+    model = dcae.create_model("dc-ae-tiny-f32c32")
+    model.config.scaling_factor = 0.25
+    card = (model.save_pretrained(tmp_path / "m", format=format) / "README.md").read_text()
+    front, body = card.split("---\n")[1], card.split("---\n", 2)[2]
+    assert f"library_name: {'diffusers' if format == 'diffusers' else 'dcae'}" in front and "- f32c32" in front
+    assert "# dc-ae-tiny-f32c32" in body and "`0.25`" in body and f"`{format}` layout" in body
+    assert "6.5M parameters" in body
+    model.config.scaling_factor, model.config.name = None, "evil\n---\nlibrary_name: x"
+    card = (model.save_pretrained(tmp_path / "n", format="dcae") / "README.md").read_text()
+    assert "dcae scaling-factor --model" in card and card.count("\n---\n") == 1 and "library_name: x" not in card.split(
+        "---\n")[1]

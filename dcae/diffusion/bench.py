@@ -35,6 +35,7 @@ from dcae.bench import git_commit, machine_record, write_markdown as write_betwe
 from dcae.diffusion.objectives import FlowMatching
 from dcae.diffusion.presets import ModelConfig, create_diffusion_model, get_diffusion_config, list_diffusion_presets
 from dcae.errors import DCAEError
+from dcae.provenance import reproducing_command
 
 # row -> (spatial factor, latent channels, patch size)
 LATENTS: dict[str, tuple[int, int, int]] = {"f8p2": (8, 4, 2), "f32p1": (32, 32, 1), "f64p1": (64, 128, 1)}
@@ -559,19 +560,7 @@ def markdown(rows: list[BenchRow], header: dict, peer: dict | None = None) -> st
 
 def command_line(args: argparse.Namespace) -> str:
     """The `dcae bench diffusion` command that reproduces this run (options that differ from the defaults)."""
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    defaults = vars(parser.parse_args([]))
-    parts = ["dcae bench diffusion"]
-    for key, value in vars(args).items():
-        if key not in defaults or value == defaults[key]:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            parts.append(flag)
-        else:
-            parts.append(" ".join([flag, *map(str, value if isinstance(value, list) else [value])]))
-    return " ".join(parts)
+    return reproducing_command("dcae bench diffusion", add_arguments, args)
 
 
 def run(args: argparse.Namespace) -> int:
