@@ -120,8 +120,10 @@ def read_latent(path: str | os.PathLike, model: nn.Module, max_pixels: int | Non
         latent = latent[0]
     if latent.ndim != 3 or min(latent.shape) < 1:
         raise DCAEError(f"{path}: latent has shape {tuple(latent.shape)}, expected ({c}, h, w)")
-    if latent.shape[0] != c:
-        raise DCAEError(f"{path}: latent has {latent.shape[0]} channels, this model expects {c}")
+    structured = bool(getattr(getattr(model, "config", None), "structured_latent", False))
+    if latent.shape[0] != c and not (structured and latent.shape[0] < c):  # DC-AE 1.5 decodes any first k <= c
+        raise DCAEError(f"{path}: latent has {latent.shape[0]} channels, this model expects "
+                        f"{f'1 to {c} (a structured latent)' if structured else c}")
     if latent.dtype not in LATENT_DTYPES.values():
         raise DCAEError(f"{path}: latent dtype {str(latent.dtype).removeprefix('torch.')} is not one of "
                         f"{', '.join(LATENT_DTYPES)}")

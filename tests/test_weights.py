@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 import dcae
@@ -291,6 +293,15 @@ def test_channels_option_on_structured_and_plain_models(tmp_path, capsys, data_d
     assert main(["reconstruct", image, "-o", str(tmp_path / "r"), "--model", "dc-ae-tiny-f32c128-1.5",
                  "--channels", "16"]) == 0
     assert "f32c16" in capsys.readouterr().out
+    # the 16-channel latent file decodes (the decoder's first 16 input channels) to what reconstruct --channels 16 gave
+    for command, out in (("encode", "z32"), ("reconstruct", "r32")):
+        assert main([command, image, "-o", str(tmp_path / out), "--model", "dc-ae-tiny-f32c128-1.5", "--channels",
+                     "16", "--dtype", "fp32"]) == 0
+    assert main(["decode", str(tmp_path / "z32"), "-o", str(tmp_path / "d"), "--model", "dc-ae-tiny-f32c128-1.5",
+                 "--dtype", "fp32"]) == 0
+    decoded = np.asarray(Image.open(next((tmp_path / "d").iterdir())), dtype=int)
+    reconstructed = np.asarray(Image.open(next((tmp_path / "r32").iterdir())), dtype=int)
+    assert decoded.shape == reconstructed.shape and np.abs(decoded - reconstructed).max() <= 1
     assert main(["reconstruct", image, "-o", str(tmp_path / "r2"), "--model", "dc-ae-tiny-f32c32",
                  "--channels", "8"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]  # after the random-weights warning
