@@ -61,6 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-channels-last", action="store_true")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile dcae's encoder/decoder (the first call, reported apart, pays for it)")
+    parser.add_argument("--onnx", action="store_true",
+                        help="add onnxruntime (CPU, fp32) rows: dcae's own ONNX export of the same weights")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--md", help="write a markdown table here (between the BEGIN/END dcae bench ae markers if the "
                                      "file has them, e.g. docs/speed.md)")
@@ -306,6 +308,7 @@ def run(args: argparse.Namespace) -> int:
     name = model.config.name
     options = {dtype: InferenceOptions(dtype=dtype, device=str(device), channels_last=not args.no_channels_last,
                                        compile=args.compile) for dtype in dtypes}
+    onnx = onnx_runners(model, args.threads) if args.onnx else {}  # exported from the fp32 model, before prepare
     fast = prepare_model(model, options[dtypes[0]])
     peaks = {dtype: gemm_peak_gflops(DTYPES[dtype], device) for dtype in dict.fromkeys(["fp32", *dtypes])}
     print(f"dcae bench ae: {name}, {_device_name(device)}, ISA {cpu_isa() if device.type == 'cpu' else device.type}, "
@@ -333,6 +336,8 @@ def run(args: argparse.Namespace) -> int:
             for dtype, opts in options.items():
                 fns[("dcae", dtype)] = lambda op=op, opts=opts: (encode if op == "encode" else decode)(fast, value,
                                                                                                        opts)
+            if op in onnx:
+                fns[("onnxruntime", "fp32")] = lambda op=op: onnx[op](value)
             with torch.inference_mode():
                 seconds, first = time_interleaved({f"{i} {d}": fn for (i, d), fn in fns.items()}, device,
                                                   args.repeats, args.warmup)
@@ -345,6 +350,8 @@ def run(args: argparse.Namespace) -> int:
                     peak, (flops, out) = peak_allocated(lambda fn=fn: count_flops_and_run(fn), device)
                 else:
                     peak, out = peak_allocated(fn, device)
+                if key[0] == "onnxruntime":
+                    peak = None  # ONNX Runtime allocates outside torch's allocator: not measured
                 measured[key] = (peak, out.float().cpu())
             if flops is None:
                 flops, _ = count_flops_and_run(next(iter(fns.values())))
@@ -411,13 +418,32 @@ def _row(impl, op, dtype, resolution, batch, seconds, memory, flops, peak) -> di
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
-    """ratio_vs_diffusers_fp32 (the gain of switching) and ratio_vs_diffusers_same_dtype (the implementation's)."""
+    """ratio_vs_diffusers_fp32 (the gain of switching), ratio_vs_diffusers_same_dtype (the implementation's), and
+    ratio_vs_dcae_fp32 (what a dtype or a runtime such as ONNX Runtime buys over dcae's own fp32)."""
     base = {(r["op"], r["resolution"], r["dtype"]): r["images_per_s"] for r in rows if r["impl"] == "diffusers"}
+    dcae_fp32 = {(r["op"], r["resolution"]): r["images_per_s"] for r in rows
+                 if (r["impl"], r["dtype"]) == ("dcae", "fp32")}
     for row in rows:
         fp32 = base.get((row["op"], row["resolution"], "fp32"))
         same = base.get((row["op"], row["resolution"], row["dtype"]))
+        own = dcae_fp32.get((row["op"], row["resolution"]))
         row["ratio_vs_diffusers_fp32"] = row["images_per_s"] / fp32 if fp32 else None
         row["ratio_vs_diffusers_same_dtype"] = row["images_per_s"] / same if same else None
+        row["ratio_vs_dcae_fp32"] = row["images_per_s"] / own if own else None
+
+
+def onnx_runners(model: torch.nn.Module, threads: int | None) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """op -> ONNX Runtime session of dcae's export of `model` (any image size), for the onnxruntime rows."""
+    import tempfile
+
+    from dcae.export import export_onnx, onnx_runner
+
+    folder = Path(tempfile.mkdtemp(prefix="dcae-bench-onnx-"))
+    f = model.spatial_factor
+    export_onnx(model, folder, image_size=(2 * f, 3 * f), dynamic_size=True)
+    threads = threads or torch.get_num_threads()
+    return {op: onnx_runner(folder / f"{part}.onnx", threads=threads)
+            for op, part in (("encode", "encoder"), ("decode", "decoder"))}
 
 
 def _ratio(value: float | None) -> str:
@@ -463,9 +489,9 @@ def markdown(result: dict[str, Any]) -> str:
             f"{r} px {s:.0f} s / {result.get('cpu_seconds_per_resolution', {}).get(r, float('nan')):.0f} s"
             for r, s in result.get("seconds_per_resolution", {}).items()) + ".",
         "",
-        "| impl | op | dtype | res | images/s | vs diffusers fp32 | vs diffusers same dtype | GFLOP/image | GFLOP/s "
-        "| of GEMM peak | peak MB | max abs diff | PSNR vs fp32 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| impl | op | dtype | res | images/s | vs diffusers fp32 | vs diffusers same dtype | vs dcae fp32 | GFLOP/image "
+        "| GFLOP/s | of GEMM peak | peak MB | max abs diff | PSNR vs fp32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else "-"
@@ -473,6 +499,6 @@ def markdown(result: dict[str, Any]) -> str:
         impl = r["impl"] + (" (compiled)" if r.get("compiled") else "")
         lines.append(f"| {impl} | {r['op']} | {r['dtype']} | {r['resolution']} | {r['images_per_s']:.3f} "
                      f"| {_ratio(r['ratio_vs_diffusers_fp32'])} | {_ratio(r.get('ratio_vs_diffusers_same_dtype'))} "
-                     f"| {r['gflop_per_image']:.0f} | {r['gflop_per_s']:.0f} "
+                     f"| {_ratio(r.get('ratio_vs_dcae_fp32'))} | {r['gflop_per_image']:.0f} | {r['gflop_per_s']:.0f} "
                      f"| {100 * r['fraction_of_gemm_peak']:.0f}% | {_mb(r['peak_memory_mb'])} | {diff} | {psnr} |")
     return "\n".join(lines) + "\n"

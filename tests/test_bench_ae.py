@@ -73,3 +73,18 @@ def test_cpu_peak_allocated_sees_each_calls_own_peak():
     peak, value = peak_allocated(work, torch.device("cpu"))
     assert value == 1.0 and peak == 50 * 2**20 * 4
     assert peak_allocated(lambda: None, torch.device("cpu"))[0] == 0
+
+
+def test_bench_ae_onnxruntime_rows(tmp_path):
+    """--onnx times dcae's own ONNX export in ONNX Runtime beside dcae fp32, with its output checked against it."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'dcae[export]')")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "ae", "--preset", "dc-ae-tiny-f32c32", "--resolution", "64", "--repeats", "1",
+                 "--dtype", "fp32", "--compare", "none", "--onnx", "--json", str(out)]) == 0
+    rows = {(r["impl"], r["op"]): r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {(impl, op) for impl in ("dcae", "onnxruntime") for op in ("encode", "decode")}
+    for op in ("encode", "decode"):
+        ort, own = rows[("onnxruntime", op)], rows[("dcae", op)]
+        assert ort["peak_memory_mb"] is None and own["ratio_vs_dcae_fp32"] == 1.0
+        assert ort["ratio_vs_dcae_fp32"] == pytest.approx(ort["images_per_s"] / own["images_per_s"])
+        assert ort["max_abs_diff"] < 1e-4  # the same weights: ONNX Runtime agrees with dcae fp32
