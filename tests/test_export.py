@@ -198,6 +198,18 @@ def test_channels_refused_by_a_full_latent_decoder(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("channels", [16, 64, 128])
+def test_structured_latent_decoder_exports_for_each_channel_count(tmp_path, channels):
+    """A DC-AE 1.5 decoder exported for its first k channels: ONNX Runtime matches dcae's decode of k channels."""
+    model = build("dc-ae-tiny-f32c128-1.5")
+    [decoder] = export_onnx(model, tmp_path, parts=("decoder",), image_size=(64, 96), channels=channels)
+    assert decoder.input_shape[1] == channels and decoder.max_abs_diff <= decoder.tolerance
+    z = torch.randn(1, channels, 2, 3, generator=torch.Generator().manual_seed(channels))
+    with torch.no_grad():
+        expected = model.eval().decode(z)
+    assert float((onnx_runner(decoder.path)(z) - expected).abs().max()) <= PARITY_TOLERANCE
+
+
 def dcae_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dcae.cli", *args], capture_output=True, text=True, timeout=600)
 
