@@ -337,16 +337,22 @@ class Item:
         return ("tiled", id(self.job)) if self.plan.tiled else (tuple(self.data.shape), self.plan.size)
 
 
+def _plan_for(job: Job, size: tuple[int, int], factor: int, tile: TileSpec, overlap: int | None,
+              budget: MemoryBudget) -> TilePlan:
+    """The job's tile plan; a plan that cannot be made (tile too big for the memory budget, ...) names the file."""
+    try:
+        return plan_tiles(tile, *size, factor, overlap, budget)
+    except DCAEError as error:
+        raise DCAEError(f"{job.source}: {error}") from None
+
+
 def read_images(jobs: list[Job], factor: int, tile: TileSpec, overlap: int | None, max_pixels: int,
                 budget: MemoryBudget, command: str, on_error: Callable[[Job], None]) -> Iterator[Item]:
     """Read each job's image and plan its tiles; unreadable files and images over the budget are reported, skipped."""
     for job in jobs:
         try:
             rgb, alpha = read_image_with_alpha(job.source, max_pixels=max_pixels)
-            try:
-                plan = plan_tiles(tile, *rgb.shape[-2:], factor, overlap, budget)
-            except DCAEError as error:
-                raise DCAEError(f"{job.source}: {error}") from None
+            plan = _plan_for(job, rgb.shape[-2:], factor, tile, overlap, budget)
         except DCAEError as error:
             report_error(command, str(error))
             on_error(job)
@@ -365,10 +371,7 @@ def read_latents(jobs: list[Job], model: torch.nn.Module, tile: TileSpec, overla
             if size[0] * size[1] > max_pixels:
                 raise DCAEError(f"{job.source}: decodes to {size[1]}x{size[0]} = {size[0] * size[1] / 1e6:.1f} Mpx, "
                                 f"over the limit of {max_pixels / 1e6:.1f} Mpx (raise it with --max-pixels)")
-            try:
-                plan = plan_tiles(tile, *size, factor, overlap, budget)
-            except DCAEError as error:
-                raise DCAEError(f"{job.source}: {error}") from None
+            plan = _plan_for(job, size, factor, tile, overlap, budget)
         except DCAEError as error:
             report_error(command, str(error))
             on_error(job)
