@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dcae.commands.options import add_dtype_argument
+from dcae.commands.eval import add_pipeline_arguments, evaluate, find_eval_images, reference_key
 from dcae.errors import DCAEError
 
 
@@ -16,28 +16,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, type=Path, metavar="DIR", help="folder for index.html")
     parser.add_argument("--resolution", type=int, default=256,
                         help="ADM centre-crop size R, as in dcae eval (default: 256)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N images (sorted by path)")
-    parser.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
-    add_dtype_argument(parser)
-    parser.add_argument("--stats-cache", type=Path, default=None,
-                        help="folder for cached reference Inception statistics (default: ~/.cache/dcae/fid_stats)")
+    add_pipeline_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from dcae.commands.eval import evaluate, reference_key
-    from dcae.images import find_images
     from dcae.metrics import FeatureStats
     from dcae.report_html import ComparisonReport
     from dcae.runtime import Runtime, load_model
 
-    if args.resolution <= 0 or args.batch_size <= 0 or (args.limit is not None and args.limit <= 0):
-        raise DCAEError("--resolution, --batch-size and --limit must be positive")
-    if not args.data.is_dir():
-        raise DCAEError(f"{args.data}: not a folder")
-    found = find_images([args.data])[: args.limit]
-    if not found:
-        raise DCAEError(f"{args.data}: no images found")
+    found = find_eval_images(args)
     files, names = [p for p, _ in found], {p: str(rel) for p, rel in found}
     runtime = Runtime.choose(args.device, args.dtype)
     runtime.announce("compare")

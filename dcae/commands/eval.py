@@ -35,14 +35,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="folder of images (searched recursively)")
     parser.add_argument("--resolution", required=True, type=int, help="ADM centre-crop size R")
     parser.add_argument("--json", type=Path, default=None, help="write the results to this JSON file")
+    add_pipeline_arguments(parser)
+    parser.add_argument("--html", type=Path, default=None, metavar="DIR",
+                        help="also write a static comparison page (images, error maps, per-image metrics) here")
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """--batch-size, --limit, --device, --dtype, --stats-cache: the evaluation pipeline's options (eval, compare)."""
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images (sorted by path)")
     parser.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
     add_dtype_argument(parser)
     parser.add_argument("--stats-cache", type=Path, default=None,
                         help="folder for cached reference Inception statistics (default: ~/.cache/dcae/fid_stats)")
-    parser.add_argument("--html", type=Path, default=None, metavar="DIR",
-                        help="also write a static comparison page (images, error maps, per-image metrics) here")
+
+
+def find_eval_images(args: argparse.Namespace) -> list[tuple[Path, Path]]:
+    """Checked options -> the first --limit images under --data, as (path, relative path), sorted by path."""
+    if args.resolution <= 0 or args.batch_size <= 0 or (args.limit is not None and args.limit <= 0):
+        raise DCAEError("--resolution, --batch-size and --limit must be positive")
+    if not args.data.is_dir():
+        raise DCAEError(f"{args.data}: not a folder")
+    found = find_images([args.data])[: args.limit]
+    if not found:
+        raise DCAEError(f"{args.data}: no images found")
+    return found
 
 
 def reference_key(files: list[Path], resolution: int) -> str:
@@ -103,13 +120,8 @@ def evaluate(model: torch.nn.Module, files: list[Path], resolution: int, batch_s
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.resolution <= 0 or args.batch_size <= 0 or (args.limit is not None and args.limit <= 0):
-        raise DCAEError("--resolution, --batch-size and --limit must be positive")
-    if not args.data.is_dir():
-        raise DCAEError(f"{args.data}: not a folder")
-    files = [path for path, _ in find_images([args.data])][: args.limit]
-    if not files:
-        raise DCAEError(f"{args.data}: no images found")
+    found = find_eval_images(args)
+    files = [path for path, _ in found]
     runtime = Runtime.choose(args.device, args.dtype)
     started = not dist.is_initialized()
     d = init_distributed(runtime.device.type)  # under torchrun: gloo on CPU, nccl on this rank's GPU
@@ -132,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
 
         report = ComparisonReport(args.html, [str(args.model)], title=f"dcae eval: {args.model}",
                                   settings={"data": args.data, "resolution": args.resolution})
-    on_batch = report.batch_writer(0, {p: str(rel) for p, rel in find_images([args.data])}) if report else None
+    on_batch = report.batch_writer(0, {p: str(rel) for p, rel in found}) if report else None
     result, ref_stats = evaluate(model, files, args.resolution, args.batch_size, device, reference, rank, world,
                                  runtime, on_batch=on_batch)
     if rank == 0 and reference is None and ref_stats.n >= 2:
