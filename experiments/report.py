@@ -206,12 +206,19 @@ def _cell(value: Any) -> str:
     return "–" if value is None else str(value)
 
 
+def budget_text(settings: dict[str, Any]) -> str:
+    """A study's per-run budget: wall-clock minutes, or optimizer steps for the step-budgeted studies."""
+    if not settings.get("budget_min") and settings.get("steps"):
+        return f"{settings['steps']} steps per training run"
+    return f"{settings['budget_min']:g} min per training run"
+
+
 def run_header(results: dict[str, Any]) -> list[str]:
     s = results["settings"]
     lines = [f"Run: `{results['command']}` ({results['created']}; {results['machine']['platform']}, "
              f"{results['machine']['cpus']} CPUs, torch {results['machine']['torch']}"
              + (f", {results['machine']['cuda']}" if results["machine"].get("cuda") else "") + "). "
-             f"Budget {s['budget_min']:g} min per training run, seeds {s['seeds']}, R = {s['resolution']}, "
+             f"Budget {budget_text(s)}, seeds {s['seeds']}, R = {s['resolution']}, "
              f"batch {s['batch_size']}, evaluated weights: {s['weights']}; total wall time "
              f"{results.get('wall_s', 0) / 3600:.2f} h."
              + (f" Code: commit {results['provenance']['commit'][:10]}"
@@ -219,7 +226,7 @@ def run_header(results: dict[str, Any]) -> list[str]:
                 if results.get("provenance", {}).get("commit") else
                 " (written before results recorded their git commit)"), ""]
     if results.get("smoke"):
-        lines += [f"> **SMOKE RUN** ({s['budget_min']:g} min per training run"
+        lines += [f"> **SMOKE RUN** ({budget_text(s)}"
                   + (f", {s['eval_limit']} images per eval set" if s.get("eval_limit") else "")
                   + "): these numbers only show that the pipeline runs end to end; they say nothing about the "
                   "claim. Verdicts are withheld.", ""]
@@ -229,8 +236,13 @@ def run_header(results: dict[str, Any]) -> list[str]:
 def commands_block(results: dict[str, Any]) -> list[str]:
     lines = ["<details><summary>Training and evaluation commands</summary>", "", "```"]
     seen: set[str] = set()
+    for record in results.get("caches", {}).values():
+        if record.get("command") and record["command"] not in seen:
+            seen.add(record["command"])
+            lines.append(record["command"])
     for record in results["arms"]:
-        for train in record["train"]:
+        trains = record.get("train", [{"commands": [record["command"]]} if record.get("command") else {}])
+        for train in trains:
             for command in train.get("commands", []):
                 if command not in seen:
                     seen.add(command)
@@ -275,7 +287,8 @@ def bar_figure(arms: list[Arm], spec: str, keys: list[str], path: Path, title: s
     _save(fig, path)
 
 
-def line_figure(arms: list[Arm], specs: list[str], xs: list[int], keys: list[str], path: Path, title: str) -> None:
+def line_figure(arms: list[Arm], specs: list[str], xs: list[int], keys: list[str], path: Path, title: str,
+                xlabel: str = "evaluation resolution (px)") -> None:
     fig, axes = _figure(len(keys))
     labels = dict((k, label) for k, label, _ in METRICS)
     for ax, key in zip(axes, keys):
@@ -287,7 +300,7 @@ def line_figure(arms: list[Arm], specs: list[str], xs: list[int], keys: list[str
                             marker="o", label=arm.name, color=f"C{i}")
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
-        ax.set_xlabel("evaluation resolution (px)")
+        ax.set_xlabel(xlabel)
         ax.set_title(labels[key], fontsize=9)
     axes[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
@@ -543,6 +556,153 @@ def _matches(gaps_psnr: list[float], psnr_margin: float, gaps_lpips: list[float]
     return SPREAD
 
 
+FULL_C_COST_DB = 0.5  # "little cost" at full C: a PSNR loss below this many dB (stated with the verdict)
+
+
+def channel_table(arms: list[Arm], set_spec: str, channels: list[int]) -> list[str]:
+    """Rows = arm x metric, columns = kept channels k (mean ± std over seeds)."""
+    specs = [f"{set_spec} k={k}" for k in channels]
+    n = next((r["eval"][s].get("n") for a in arms for r in a.records for s in specs if s in r.get("eval", {})), None)
+    head = ["configuration", "metric", *(f"k = {k}" for k in channels)]
+    lines = [f"**{set_spec}** ({n} images; the first k latent channels decoded)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm in arms:
+        for key, label, digits in METRICS[:3]:
+            lines.append("| " + " | ".join([arm.name, label, *(fmt(arm.metric(s, key), digits) for s in specs)]) + " |")
+    return lines + [""]
+
+
+def render_structured(results: dict[str, Any], figure: Path) -> tuple[list[str], list[str]]:
+    arms = group_arms(results)
+    by = {a.name: a for a in arms}
+    channels = results["channels"]
+    full = max(channels)
+    sets = list(dict.fromkeys(spec.split(" k=")[0] for spec in results["specs"]))
+    lines = training_table(arms, (("overrides", "overrides"),))
+    for set_spec in sets:
+        lines += channel_table(arms, set_spec, channels)
+    main = sets[0]
+    line_figure(arms, [f"{main} k={k}" for k in channels], channels, ["psnr", "lpips"], figure,
+                f"Quality vs kept latent channels on {main} (mean ± std over seeds)", xlabel="kept channels k")
+    st, plain = by.get("structured"), by.get("plain")
+    if st is None or plain is None:
+        return lines, ["- Needs both arms (structured, plain)."]
+    seeds = n_seeds(st, plain)
+    verdicts = []
+    for set_spec in sets:
+        prefixes = [k for k in channels if k < full]
+        outcomes = [compare(st, plain, f"{set_spec} k={k}", key) for k in prefixes for key in ("psnr", "lpips")]
+        detail = "; ".join(f"k={k}: {delta(st, plain, f'{set_spec} k={k}', 'psnr')} dB" for k in prefixes)
+        ok = overall(outcomes)
+        if ok is True and any(o != 1 for o in outcomes):
+            ok = None  # better at some prefixes, unresolved at others: say so rather than claim all
+        verdicts.append(verdict(ok, f"{set_spec}: prefixes of the structured latent decode better than the same "
+                                    f"prefixes of the unstructured one at every k < {full} (PSNR structured vs "
+                                    f"plain, {detail}).", seeds))
+        spec = f"{set_spec} k={full}"
+        gaps = paired_gaps(st, plain, spec, "psnr")
+        cost = compare(st, plain, spec, "psnr")
+        if cost in (FEW_SEEDS, None):
+            ok_cost = cost
+        elif cost in (1, SPREAD):
+            ok_cost = True
+        else:
+            ok_cost = statistics.fmean(gaps) > -FULL_C_COST_DB if gaps else None
+        verdicts.append(verdict(ok_cost, f"{set_spec}: at full C = {full} the mask costs little: PSNR "
+                                         f"{delta(st, plain, spec, 'psnr')} dB (structured vs plain; per-seed gap "
+                                         f"{mean_spread(gaps)} dB, {word(cost)}; 'little' = under "
+                                         f"{FULL_C_COST_DB} dB), LPIPS {delta(st, plain, spec, 'lpips')}.", seeds))
+    verdicts.append("- rFID here comes from 24-80 images: listed in the JSON, never used for a verdict.")
+    return lines, verdicts
+
+
+def _curve(arm: Arm, key: str) -> list[tuple[int, float, float]]:
+    """(step, mean, std) of a per-checkpoint curve over seeds, at the steps every seed has."""
+    per_seed = [{p["step"]: p[key] for p in r.get(key if key != "gfid" else "gfid", [])} for r in arm.records]
+    steps = sorted(set.intersection(*(set(d) for d in per_seed))) if per_seed else []
+    out = []
+    for step in steps:
+        values = [d[step] for d in per_seed]
+        out.append((step, statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0))
+    return out
+
+
+def _smoothed_loss(record: dict[str, Any], window: int = 10) -> tuple[list[int], list[float]]:
+    rows = record.get("loss", [])
+    steps, values = [r["step"] for r in rows], [r["loss"] for r in rows]
+    smooth = [statistics.fmean(values[max(0, i - window + 1):i + 1]) for i in range(len(values))]
+    return steps, smooth
+
+
+def compare_curves(a: Arm, b: Arm, pick: Callable[[list[float]], float]) -> tuple[int | str | None, str]:
+    """Lower-is-better comparison of a per-seed summary of the gFID curve (pick: e.g. last point, mean)."""
+    def per_seed(arm: Arm) -> list[float]:
+        return [pick([p["gfid"] for p in r.get("gfid", [])]) for r in arm.records if r.get("gfid")]
+
+    va, vb = per_seed(a), per_seed(b)
+    if not va or not vb:
+        return None, "n/a"
+    text = f"{mean_spread(va, 1).lstrip('+')} vs {mean_spread(vb, 1).lstrip('+')}"
+    if min(len(va), len(vb)) < MIN_SEEDS:
+        return FEW_SEEDS, text
+    ma, mb = statistics.fmean(va), statistics.fmean(vb)
+    spread = max(statistics.stdev(va), statistics.stdev(vb))
+    diff = mb - ma  # positive: a is lower (better)
+    return (SPREAD if abs(diff) <= spread else (1 if diff > 0 else -1)), text
+
+
+def render_augmented(results: dict[str, Any], figure: Path) -> tuple[list[str], list[str]]:
+    arms = group_arms(results)
+    by = {a.name: a for a in arms}
+    s = results["settings"]
+    lines = [f"Equal optimizer steps ({s['steps']}), batch {s['batch_size']}, lr {s['lr']:g}, {s['preset']} with "
+             f"`{' '.join(s['override'])}`, flow objective; gFID from {s['samples']} EMA samples against "
+             f"{results.get('gfid_reference', 'bsds500/val')} (the same noise for every arm).", ""]
+    steps = sorted({p["step"] for a in arms for r in a.records for p in r.get("gfid", [])})
+    head = ["arm", "autoencoder", "img/s", *(f"gFID @ {x}" for x in steps)]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for arm in arms:
+        curve = {x: (m, sd) for x, m, sd in _curve(arm, "gfid")}
+        ips = [r["images_per_s"] for r in arm.records if r.get("images_per_s")]
+        lines.append("| " + " | ".join([arm.name, arm.field("autoencoder") or "–",
+                                        f"{statistics.fmean(ips):.0f}" if ips else "–",
+                                        *(fmt(curve.get(x), 1) for x in steps)]) + " |")
+    lines.append("")
+    fig, axes = _figure(2)
+    for i, arm in enumerate(arms):
+        curve = _curve(arm, "gfid")
+        if curve:
+            axes[0].errorbar([c[0] for c in curve], [c[1] for c in curve], yerr=[c[2] for c in curve], marker="o",
+                             color=f"C{i}", label=arm.name)
+        for j, record in enumerate(arm.records):
+            xs, ys = _smoothed_loss(record)
+            axes[1].plot(xs, ys, color=f"C{i}", alpha=0.7, label=arm.name if j == 0 else None)
+    axes[0].set_xlabel("training step")
+    axes[0].set_title("gFID ↓ (mean ± std over seeds)", fontsize=9)
+    axes[1].set_xlabel("training step")
+    axes[1].set_yscale("log")
+    axes[1].set_title("training loss (full objective, 10-log moving mean; each seed)", fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Diffusion convergence on c128 latents: unstructured vs structured vs structured + augmented",
+                 fontsize=10)
+    _save(fig, figure)
+    verdicts = []
+    pairs = [("structured+augmented", "structured"), ("structured+augmented", "unstructured"),
+             ("structured", "unstructured")]
+    for a, b in pairs:
+        if a not in by or b not in by:
+            continue
+        seeds = n_seeds(by[a], by[b])
+        last, last_text = compare_curves(by[a], by[b], lambda v: v[-1])
+        mean, mean_text = compare_curves(by[a], by[b], statistics.fmean)
+        ok = overall([last, mean])
+        verdicts.append(verdict(ok, f"{a} converges faster than {b}: final gFID {word(last)} ({last_text}), mean "
+                                    f"gFID over the checkpoints {word(mean)} ({mean_text}).", seeds))
+    verdicts.append("- The training losses of arms on different latents are not comparable (different targets); "
+                    "the structured arms share one latent, so their full-objective losses are.")
+    return lines, verdicts
+
+
 @dataclass
 class Study:
     key: str
@@ -562,6 +722,11 @@ STUDIES = [
           "--resolution 128 --disc-warmup 100 --seeds 0 1 2", render_phase3),
     Study("baseline_study", "4. DC-AE vs an SD-VAE-like f8c4 baseline at equal budget",
           "python -m experiments.baseline_study --budget-min 40 --seeds 0 1 2 --resolution 128", render_baseline),
+    Study("structured_latent_study", "5. DC-AE 1.5: structured latent space (channel-prefix decoding)",
+          "python -m experiments.structured_latent_study --budget-min 4 --seeds 0 1 2 --resolution 128",
+          render_structured),
+    Study("augmented_diffusion_study", "6. DC-AE 1.5: augmented diffusion training on the structured latent",
+          "python -m experiments.augmented_diffusion_study --steps 3000 --seeds 0 1 2", render_augmented),
 ]
 
 INTRO = """\
@@ -644,7 +809,7 @@ def render(results_dir: Path, out: Path, figures: Path) -> str:
         text += ["**Verdict.**", "", *verdicts, ""] + commands_block(results)
         settings = results["settings"]
         seeds = sorted({arm["seed"] for arm in results["arms"]})
-        summary += [f"- {study.title} ({settings['budget_min']:g} min per training run, seeds "
+        summary += [f"- {study.title} ({budget_text(settings)}, seeds "
                     f"{', '.join(map(str, seeds))}):"] + [f"  {v}" for v in verdicts if v.startswith("- **")]
     text += ["## Summary", "", *summary, ""]
     return "\n".join(text)
