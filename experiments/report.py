@@ -769,11 +769,16 @@ budget: the residual study trains 6 runs (4 h), the generalisation study one pha
 quarter of the budget each (70 min, less when the phase-1 run already exists), the baseline study one new run (f8c4)
 beside the residual study's two. The phase-3 study as written above starts from the embedded default (GAN refinement
 of a model that reconstructs only blobs says little) and trains three arms of `--budget-min` each (45 min);
-without `--init` it trains its own phase-1 base like the others. Evaluation adds a few minutes per configuration on a CPU.
+without `--init` it trains its own phase-1 base like the others. The structured-latent study (5) trains the tiny
+f32c128 1.5 preset with and without the channel mask per seed and evaluates every kept-channel count in one
+`dcae eval --channels` per set; the augmented-diffusion study (6) reads study 5's seed-0 autoencoders, caches their
+latents once each and trains a DiT per arm and seed for a fixed number of steps, scoring gFID at each checkpoint.
+Evaluation adds a few minutes per configuration on a CPU.
 Verdicts need `--seeds 0 1 2` (or more); a study run with fewer seeds gets its tables but no verdict.
 
 Smoke test (proves the pipeline end to end; numbers meaningless): add `--budget-min 0.5 --resolution 64
---eval-limit 2 --runs-root runs/smoke --out /tmp/smoke/<study>.json` to each, then
+--eval-limit 2 --runs-root runs/smoke --out /tmp/smoke/<study>.json` to studies 1-5 (study 6: `--steps 40 --samples 8
+--autoencoders /tmp/smoke/structured_latent_study.json --work runs/smoke/diffusion --out /tmp/smoke/<study>.json`), then
 `python -m experiments.report --results /tmp/smoke --out /tmp/smoke/REPORT.md --figures /tmp/smoke/figures`.
 """
 
