@@ -63,11 +63,15 @@ def parse_value(text: str, kind: Any, key: str) -> Any:
             raise ValueError(text)
         if typing.get_origin(kind) is tuple:
             parts = [p for p in text.strip("()[] ").split(",") if p.strip()]
+            if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length, "" or "()" for empty
+                args = (args[0],) * len(parts)
             return tuple(parse_value(p.strip(), a, key) for p, a in zip(parts, args, strict=True))
         if kind is int:
             return int(float(text)) if "e" in text.lower() else int(text)
         if kind in (float, str):
             return kind(text)
+    except ConfigError:  # an element of a tuple: its own message ("expected int")
+        raise
     except (ValueError, OverflowError):  # int(float("1e999")) overflows
         raise ConfigError(f"override {key}={text}: expected {getattr(kind, '__name__', kind)}") from None
     raise ConfigError(f"override {key}: cannot set a field of type {kind}")

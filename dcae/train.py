@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -48,10 +49,24 @@ from dcae.runtime import autocast
 from dcae.tensorboard import TensorBoardLogger
 
 TRAINABLE_SETS = ("all", "latent_adaptation", "decoder_head")
+MASK_PER = ("batch", "sample")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Configs
+@dataclass
+class StructuredLatentConfig:
+    """DC-AE 1.5's structured latent (arXiv 2508.00413): each step keeps the first c' latent channels, zeroes the rest.
+
+    Needs a model built with `structured_latent` (no latent shortcuts). See docs/structured_latent.md.
+    """
+    enabled: bool = False
+    channels: tuple[int, ...] = ()  # candidate kept-channel counts c'; () = channel_step, 2*channel_step, ..., and C
+    channel_step: int = 16  # spacing of the default candidates (16 -> 8 candidates for c=128)
+    per: str = "batch"  # "batch": one c' per step for the global batch (paper: "per iteration"); "sample": per image
+    full_prob: float = 0.0  # extra chance of keeping all C channels; 0 = uniform over the candidates (C is one of them)
+
+
 @dataclass
 class PhaseConfig:
     phase: int = 1  # 1 low-res full training, 2 high-res latent adaptation, 3 low-res local refinement
@@ -64,6 +79,7 @@ class PhaseConfig:
     gan: GANConfig = field(default_factory=GANConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     grad_checkpointing: bool = False  # recompute encoder/decoder stages in backward (saves activation memory)
+    structured_latent: StructuredLatentConfig = field(default_factory=StructuredLatentConfig)
 
 
 def phase_config(phase: int) -> PhaseConfig:
@@ -129,6 +145,13 @@ def check_config(config: TrainConfig) -> None:
     for name in ("steps", "batch_size", "log_every", "val_every", "ckpt_every", "max_bad_steps"):
         if getattr(config, name) < (0 if name == "steps" else 1):
             raise DCAEError(f"{name}={getattr(config, name)}: must be positive")
+    structured = config.phase.structured_latent
+    if structured.per not in MASK_PER:
+        raise DCAEError(f"phase.structured_latent.per={structured.per!r}: choose batch or sample")
+    if structured.channel_step < 1:
+        raise DCAEError(f"phase.structured_latent.channel_step={structured.channel_step}: must be at least 1")
+    if not (math.isfinite(structured.full_prob) and 0.0 <= structured.full_prob <= 1.0):
+        raise DCAEError(f"phase.structured_latent.full_prob={structured.full_prob}: expected a number from 0 to 1")
     if config.phase.resolution < 8:
         raise DCAEError(f"phase.resolution={config.phase.resolution}: too small")
     if config.phase.resolution ** 2 > config.data.max_pixels:
@@ -235,6 +258,71 @@ def last_decoder_layer(model: nn.Module) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Structured latent (DC-AE 1.5): keep a random prefix of the latent channels
+MASK_STREAM = 0x534C  # separates the channel-mask RNG from the data RNG (both seeded by `seed`)
+
+
+def candidate_channels(cfg: StructuredLatentConfig, latent_channels: int) -> tuple[int, ...]:
+    """The kept-channel counts c' a step may draw, ascending: `cfg.channels`, or every multiple of `channel_step` up
+    to C plus C itself. DCAEError for a count outside 1..C."""
+    if cfg.channels:
+        bad = [c for c in cfg.channels
+               if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= latent_channels]
+        if bad:
+            raise DCAEError(f"phase.structured_latent.channels={','.join(map(str, cfg.channels))}: "
+                            f"{bad[0]} is outside 1..{latent_channels} (the model's latent channels)")
+        return tuple(sorted(set(cfg.channels)))
+    return tuple(sorted(set(range(cfg.channel_step, latent_channels + 1, cfg.channel_step)) | {latent_channels}))
+
+
+def check_structured_latent(cfg: StructuredLatentConfig, model_config: Any) -> tuple[int, ...]:
+    """The candidates when structured-latent training can run on this model; else a one-line DCAEError."""
+    if not model_config.structured_latent:
+        raise DCAEError(f"phase.structured_latent.enabled=true: model {model_config.name!r} has no structured latent "
+                        "(its latent shortcuts mix all channels); train a DC-AE 1.5 preset, e.g. "
+                        "dc-ae-tiny-f32c128-1.5")
+    return candidate_channels(cfg, model_config.latent_channels)
+
+
+def sample_kept_channels(cfg: StructuredLatentConfig, candidates: tuple[int, ...], latent_channels: int, seed: int,
+                         step: int, batch_size: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+    """c' for each of rank `rank`'s `batch_size` images at `step`, (batch_size,) int64: a pure function of
+    (seed, step, rank), so exact resume needs no saved generator.
+
+    With probability `full_prob` c' = C, else uniform over `candidates`. The draw is for the global batch:
+    `per="batch"` once (every rank gets the same c'), `per="sample"` once per image, rank r of W taking images
+    r, r+W, ... (the data's interleaving: W ranks of batch B see the c' one process of batch B*W sees).
+    """
+    rng = np.random.default_rng([seed, MASK_STREAM, step])
+    global_batch = batch_size * world_size
+    draws = 1 if cfg.per == "batch" else global_batch
+    full = rng.random(draws) < cfg.full_prob
+    kept = np.where(full, latent_channels, rng.choice(np.asarray(candidates, dtype=np.int64), size=draws))
+    return torch.from_numpy(np.broadcast_to(kept, (global_batch,))[rank::world_size].astype(np.int64))
+
+
+def channel_mask(kept: torch.Tensor, latent_channels: int) -> torch.Tensor:
+    """(B,) kept counts -> (B, C, 1, 1) float mask, [1]*c' + [0]*(C - c') per image (the paper's mask_{c,c'})."""
+    return (torch.arange(latent_channels, device=kept.device) < kept[:, None]).float()[:, :, None, None]
+
+
+class ChannelMaskedAutoencoder(nn.Module):
+    """encode -> multiply the latent by a channel mask -> decode: the training forward of a structured latent.
+
+    Zeroing (not slicing) keeps one graph for any mix of c' in a batch; a zeroed channel gets zero gradient and,
+    with no latent shortcut, decodes exactly as the c'-channel prefix (dcae.nn.LatentProjectIn).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        z = self.model.encode(x)  # (B, C, h, w)
+        return self.model.decode(z * mask.to(z.dtype))  # (B, 3, H, W)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: nn.Module, state: dict[str, Any],
                     config: TrainConfig) -> Path:
@@ -260,8 +348,10 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: nn.Module, 
 # Validation and logs
 @torch.no_grad()
 def validate(model: nn.Module, images: torch.Tensor, lpips: nn.Module, d: Dist, precision: str,
-             batch_size: int = 4) -> dict[str, float]:
+             batch_size: int = 4, channels: int | None = None) -> dict[str, float]:
     """PSNR (through uint8, as dcae.metrics) and LPIPS of reconstructions, split over ranks and summed.
+
+    `channels=k` (structured latents): reconstruct from the first k latent channels.
 
     Leaves the model in eval mode (the caller restores its training mode: frozen layers must stay in eval).
     """
@@ -273,7 +363,7 @@ def validate(model: nn.Module, images: torch.Tensor, lpips: nn.Module, d: Dist, 
     for i in range(0, len(mine), batch_size):
         x = mine[i:i + batch_size].to(d.device)
         with autocast(d.device, precision):
-            y = model(x).float()
+            y = model.decode(model.encode(x, channels=channels)).float()  # (B, 3, R, R)
         psnrs.update(psnr(quantize(x), quantize(y)))
         lpipss.update(lpips(y.clamp(-1, 1), x))
     psnrs.all_reduce()
@@ -301,7 +391,8 @@ def save_sample_grid(path: Path, model: nn.Module, images: torch.Tensor, device:
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The training loop
-METRICS = ("loss", "l1", "mse", "lpips", "g_loss", "gan_weight", "d_loss", "grad_norm", "bad", "skipped", "stop")
+METRICS = ("loss", "l1", "mse", "lpips", "g_loss", "gan_weight", "d_loss", "grad_norm", "kept_channels", "bad",
+           "skipped", "stop")
 
 
 def build_model(config: TrainConfig, resume_from: Path | None) -> nn.Module:
@@ -354,7 +445,12 @@ class Trainer:
         if self.phase.grad_checkpointing:
             enable_gradient_checkpointing(self.model)
         self.optimizer = build_optimizer(self.params, self.phase.optim)
-        self.ddp_model = wrap_ddp(self.model, d, config.sync_batchnorm)
+        # Structured latent: the candidate c' (empty when off); the DDP module then takes (x, mask).
+        self.candidates: tuple[int, ...] = ()
+        if self.phase.structured_latent.enabled:
+            self.candidates = check_structured_latent(self.phase.structured_latent, self.model.config)
+        forward = ChannelMaskedAutoencoder(self.model) if self.candidates else self.model
+        self.ddp_model = wrap_ddp(forward, d, config.sync_batchnorm)
         self.reconstruction = ReconstructionLoss(self.phase.l1_weight, self.phase.lpips_weight,
                                                  mse_weight=self.phase.mse_weight).to(d.device)
         self.gan: GANLoss | None = None
@@ -406,8 +502,15 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         buffers_before = [b.clone() for b in self.model.buffers()]  # BatchNorm stats move in forward: undo if bad
+        kept = None  # structured latent: (B,) c' per image
+        if self.candidates:
+            kept = sample_kept_channels(phase.structured_latent, self.candidates, self.model.latent_channels,
+                                        self.config.seed, self.step, self.config.batch_size, d.rank, d.world_size)
         with autocast(d.device, self.precision):
-            y = self.ddp_model(x)  # (B, 3, R, R)
+            if kept is None:
+                y = self.ddp_model(x)  # (B, 3, R, R)
+            else:
+                y = self.ddp_model(x, channel_mask(kept.to(d.device), self.model.latent_channels))  # (B, 3, R, R)
             loss, logs = self.reconstruction(x, y)
             if self.gan is not None:
                 self.gan.discriminator.requires_grad_(False)  # the generator's loss must not train the critic
@@ -420,6 +523,8 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, phase.optim.grad_clip or float("inf"))
         values = {"loss": loss.detach(), "grad_norm": grad_norm, "skipped": float(skipped),
                   "stop": float(stop_requested), **logs}
+        if kept is not None:
+            values["kept_channels"] = kept.double().mean()  # averaged over ranks: the global batch's mean c'
         bad_local = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
         if self.gan is not None:
             with autocast(d.device, self.precision):
@@ -468,6 +573,8 @@ class Trainer:
             means.pop("lpips")
         if self.phase.mse_weight <= 0:
             means.pop("mse")
+        if not self.candidates:
+            means.pop("kept_channels")
         images_per_s = window.steps * self.config.batch_size * self.d.world_size / max(window.seconds, 1e-9)
         self.log.write(step=self.step, lr=lr_at(self.step - 1, self.phase.optim), images_per_s=images_per_s,
                        skipped_images=self.counters["skipped_images"], bad_steps=self.counters["bad_steps"], **means)
@@ -494,6 +601,10 @@ class Trainer:
         if not len(self.val_images):
             return None
         metrics = validate(self.model, self.val_images, self.lpips, self.d, self.precision)
+        if self.candidates and self.candidates[0] < self.model.latent_channels:  # also the smallest prefix
+            k = self.candidates[0]
+            fewest = validate(self.model, self.val_images, self.lpips, self.d, self.precision, channels=k)
+            metrics.update({f"{name}_c{k}": value for name, value in fewest.items()})
         if self.d.is_main:
             grid = save_sample_grid(self.run_dir / "samples" / f"step_{self.step:08d}.png", self.model,
                                     self.val_images, self.d.device, self.precision)
@@ -523,6 +634,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                           data=trainer.stream.kind,
                           trainable_params=sum(p.numel() for p in trainer.params),
                           total_params=sum(p.numel() for p in trainer.model.parameters()),
+                          **({"kept_channel_candidates": list(trainer.candidates)} if trainer.candidates else {}),
                           resumed_from=str(resume_from) if resume_from else None)
     bar = tqdm(total=config.steps, initial=trainer.step, disable=not (d.is_main and config.progress),
                dynamic_ncols=True, desc=f"phase {config.phase.phase}")
@@ -530,7 +642,10 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     def validate_and_report() -> None:
         metrics = trainer.validate()
         if metrics is not None and d.is_main:
-            bar.write(f"step {trainer.step}: val PSNR {metrics['val_psnr']:.2f} dB, LPIPS {metrics['val_lpips']:.4f}")
+            fewest = "".join(f", {k.removeprefix('val_')} {v:.2f}" for k, v in metrics.items()
+                             if k.startswith("val_psnr_c"))
+            bar.write(f"step {trainer.step}: val PSNR {metrics['val_psnr']:.2f} dB, LPIPS {metrics['val_lpips']:.4f}"
+                      f"{fewest}")
 
     set_train_mode(trainer.model)
     window, interrupted = MetricWindow(), ""

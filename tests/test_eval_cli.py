@@ -188,3 +188,93 @@ def test_eval_two_ranks_match_one(tiny_checkpoint, eval_data, tmp_path):
     for key in ("psnr", "ssim", "lpips", "rfid"):
         assert b[key] == pytest.approx(a[key], rel=1e-6)
     assert len(list((tmp_path / "c2").glob("*.npz"))) == 1  # rank 0 wrote the gathered reference statistics
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Structured latent (DC-AE 1.5): one evaluation, metrics per kept-channel count
+@pytest.fixture(scope="module")
+def structured_checkpoint(tmp_path_factory) -> Path:
+    import dcae
+
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny15")
+    dcae.create_model("dc-ae-tiny-f32c128-1.5").save_pretrained(directory)
+    return directory
+
+
+class ColourFeatures(torch.nn.Module):
+    """A cheap stand-in for InceptionFeatures (B, 2048): its TorchScript warm-up is most of an eval's time on a CPU,
+    and rFID itself is checked by the tests above; here only the per-K bookkeeping is."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(images.float().mean((2, 3)), (0, 2045))  # (B, 2048)
+
+
+def test_eval_channel_sweep_json_and_plot(structured_checkpoint, eval_data, tmp_path, capsys, monkeypatch):
+    import dcae
+    import dcae.commands.eval
+
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(dcae.commands.eval, "InceptionFeatures", ColourFeatures)
+    out, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    assert main(["eval", "--dtype", "fp32", "--model", str(structured_checkpoint), "--data", str(eval_data),
+                 "--resolution", "32", "--channels", "128", "16", "16", "--json", str(out), "--plot", str(plot),
+                 "--stats-cache", str(tmp_path / "cache"), "--batch-size", "2", "--device", "cpu"]) == 0
+    result = json.loads(out.read_text())
+    assert result["channels"] == [16, 128] and result["latent_channels"] == 128 and result["n"] == 3
+    assert [e["channels"] for e in result["by_channels"]] == [16, 128]
+    assert all(e["n"] == 3 and e["rfid"] >= 0 for e in result["by_channels"])
+    assert all(set(e) == {"channels", "psnr", "ssim", "lpips", "rfid", "n"} for e in result["by_channels"])
+    assert {"resolution", "model", "reference_stats", "runtime", "provenance"} <= set(result)
+    assert "psnr" not in result  # no top-level number that could be mistaken for the full latent's
+    assert result["provenance"]["models"]["model"]["sha256"]
+    # each entry is the reconstruction from that prefix, by hand
+    model = dcae.DCAE.from_pretrained(structured_checkpoint).eval()
+    images = torch.stack([adm_center_crop(torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1), 32)
+                          for p in sorted(eval_data.glob("*.png"))])
+    x = (images.float() / 255 - 0.5) / 0.5
+    for entry in result["by_channels"]:
+        with torch.no_grad():
+            recon = quantize(model.decode(model.encode(x, channels=entry["channels"])))
+        assert entry["psnr"] == pytest.approx(psnr(images.float() / 255, recon).mean().item(), abs=1e-4)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "@ 16 channels" in printed and "@ 128 channels" in printed and f"wrote {plot}" in printed
+
+
+def test_eval_channels_errors_are_one_line(tiny_checkpoint, eval_data, tmp_path, capsys):
+    from dcae.commands.eval import sweep_channels
+    import dcae
+
+    common = ["eval", "--model", str(tiny_checkpoint), "--data", str(eval_data), "--resolution", "32",
+              "--stats-cache", str(tmp_path / "c")]
+    for extra, message in ((["--channels", "16", "32"], "has no structured latent"),
+                           (["--plot", str(tmp_path / "p.png")], "--plot draws quality against --channels")):
+        assert main(common + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert sweep_channels(dcae.DCAE.from_pretrained(tiny_checkpoint), [32, 32]) == [32]  # all of them is fine
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_plot_channel_sweep_draws_several_models(tmp_path):
+    pytest.importorskip("matplotlib")
+    from dcae.errors import DCAEError
+    from dcae.report_plots import plot_channel_sweep
+
+    def sweep(offset: float) -> dict:
+        return {"by_channels": [{"channels": k, "psnr": 20 + offset + k / 16, "lpips": 0.5 - k / 512,
+                                 "rfid": None if k == 16 else 10 - k / 32} for k in (64, 16, 128)]}
+
+    path = plot_channel_sweep({"a": sweep(0), "b": sweep(1)["by_channels"]}, tmp_path / "two.png",
+                              metrics=("psnr", "lpips", "rfid", "ssim"), title="two models")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    again = plot_channel_sweep({"a": sweep(0), "b": sweep(1)}, tmp_path / "again.png",
+                               metrics=("psnr", "lpips", "rfid", "ssim"), title="two models")
+    assert again.read_bytes() == path.read_bytes()  # no timestamp or version in the file
+    for curves, target, message in (({"a": {"psnr": 1}}, "x.png", "not a channel sweep"),
+                                    ({"a": sweep(0)}, "x.xyz", "cannot draw a .xyz file")):
+        with pytest.raises(DCAEError, match=message):
+            plot_channel_sweep(curves, tmp_path / target)
+    with pytest.raises(DCAEError, match="unknown metric"):
+        plot_channel_sweep({"a": sweep(0)}, tmp_path / "x.png", metrics=("fid",))

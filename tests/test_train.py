@@ -18,11 +18,18 @@ from dcae.errors import DCAEError
 from dcae.config import config_from_dict, config_to_dict
 from dcae.runs import CHECKPOINT_SLEEP_ENV, OptimConfig, latest_checkpoint, load_state, lr_at, update_ema
 from dcae.train import (
+    ChannelMaskedAutoencoder,
+    StructuredLatentConfig,
     TrainConfig,
     apply_overrides,
+    candidate_channels,
+    channel_mask,
+    check_config,
     enable_gradient_checkpointing,
     load_run_config,
     phase_config,
+    recipe_configs,
+    sample_kept_channels,
     save_checkpoint,
     set_train_mode,
     train,
@@ -33,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 BSDS_VAL = DATA / "bsds500" / "val"
 PRESET = "dc-ae-tiny-f32c32"
+STRUCTURED = "dc-ae-tiny-f32c128-1.5"
 
 
 def tiny_config(run_dir, steps=3, workers=0, phase=1, extra=()) -> TrainConfig:
@@ -149,12 +157,19 @@ def test_lr_warmup_and_ema():
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_is_exact(tmp_path, workers):
+# The structured-latent case (DC-AE 1.5 masks, per image, with validation at the smallest prefix) rides on the
+# no-worker run rather than adding a third.
+STRUCTURED_RUN = (f"preset={STRUCTURED}", "phase.structured_latent.enabled=true", "structured_latent.per=sample",
+                  "structured_latent.channels=16,64,128", "structured_latent.full_prob=0.25",
+                  f"data.val_path={BSDS_VAL}", "data.val_images=2", "data.val_resolution=32")
+
+
+@pytest.mark.parametrize("workers, extra", [(0, STRUCTURED_RUN), (2, ())], ids=["0-structured", "2"])
+def test_resume_is_exact(tmp_path, workers, extra):
     """2N steps in one run == N steps, resume, N more (weights and EMA), with and without worker processes."""
     n = 3
-    straight = train(tiny_config(tmp_path / "straight", steps=2 * n, workers=workers))
-    train(tiny_config(tmp_path / "split", steps=n, workers=workers))
+    straight = train(tiny_config(tmp_path / "straight", steps=2 * n, workers=workers, extra=extra))
+    train(tiny_config(tmp_path / "split", steps=n, workers=workers, extra=extra))
     assert load_state(latest_checkpoint(tmp_path / "split"))["step"] == n
     resumed = train(load_run_config(tmp_path / "split", [f"steps={2 * n}"]), resume=True)
     assert max_diff(straight / "model.safetensors", resumed / "model.safetensors") <= 1e-6
@@ -169,7 +184,19 @@ def test_resume_is_exact(tmp_path, workers):
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
     ema = dcae.DCAE.from_pretrained(resumed, weights="ema")
     assert any(not torch.equal(v, ema.state_dict()[k]) for k, v in model.state_dict().items())
-    assert json.loads((resumed / "config.json").read_text())["steps"] == 2 * n
+    saved = json.loads((resumed / "config.json").read_text())
+    assert saved["steps"] == 2 * n
+    if extra:  # the settings travel with the run and its checkpoints; every step logs its mean c'
+        assert saved["phase"]["structured_latent"] == {"enabled": True, "channels": [16, 64, 128],
+                                                       "channel_step": 16, "per": "sample", "full_prob": 0.25}
+        in_checkpoint = json.loads((latest_checkpoint(resumed) / "train_config.json").read_text())
+        assert in_checkpoint["phase"]["structured_latent"] == saved["phase"]["structured_latent"]
+        straight_lines = log_lines(straight)
+        kept = [line["kept_channels"] for line in straight_lines if "loss" in line]
+        assert len(kept) == 2 * n and all(16 <= k <= 128 for k in kept)
+        assert [line["kept_channels"] for line in log_lines(resumed) if "loss" in line] == kept
+        vals = [line for line in straight_lines if line.get("event") == "val"]
+        assert vals and all({"val_psnr", "val_psnr_c16", "val_lpips_c16"} <= set(v) for v in vals)
     with pytest.raises(DCAEError, match="already holds"):
         train(tiny_config(tmp_path / "split", steps=1))
 
@@ -273,6 +300,88 @@ def test_too_many_nonfinite_steps_stop_without_saving_poison(tmp_path, monkeypat
     with pytest.raises(DCAEError, match="non-finite"):
         save_checkpoint(tmp_path / "run", 99, poisoned, poisoned, {}, config)
     assert latest_checkpoint(tmp_path / "run").name == "step_00000004"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Structured latent (DC-AE 1.5)
+def test_structured_latent_overrides_and_candidates():
+    config = apply_overrides(TrainConfig(), ["phase.structured_latent.enabled=true",
+                                             "phase.structured_latent.channels=16,32,64,128",
+                                             "structured_latent.per=sample", "structured_latent.full_prob=0.1"])
+    structured = config.phase.structured_latent
+    assert structured == StructuredLatentConfig(True, (16, 32, 64, 128), 16, "sample", 0.1)
+    for text, expected in (("[8, 24]", (8, 24)), ("(4,)", (4,)), ("64", (64,)), ("()", ()), ("", ())):
+        assert apply_overrides(TrainConfig(), [f"structured_latent.channels={text}"]).phase.structured_latent.channels \
+            == expected
+    phases = recipe_configs(TrainConfig(), (1, 1, 1), None, ["phase.structured_latent.enabled=true",
+                                                            "phase3.structured_latent.full_prob=0.5"])
+    assert [c.phase.structured_latent.enabled for c in phases] == [True, True, True]  # every phase of the recipe
+    assert [c.phase.structured_latent.full_prob for c in phases] == [0.0, 0.0, 0.5]
+    assert TrainConfig().phase.structured_latent.enabled is False  # off unless asked for
+    assert candidate_channels(StructuredLatentConfig(), 128) == (16, 32, 48, 64, 80, 96, 112, 128)
+    assert candidate_channels(StructuredLatentConfig(channel_step=48), 128) == (48, 96, 128)  # C always a candidate
+    assert candidate_channels(StructuredLatentConfig(channels=(64, 16, 64)), 128) == (16, 64)
+    for bad in ((0, 16), (16, 129)):
+        with pytest.raises(DCAEError, match="outside 1..128"):
+            candidate_channels(StructuredLatentConfig(channels=bad), 128)
+    for override, message in (("structured_latent.per=image", "choose batch or sample"),
+                              ("structured_latent.full_prob=1.5", "from 0 to 1"),
+                              ("structured_latent.channel_step=0", "at least 1")):
+        with pytest.raises(DCAEError, match=message):
+            check_config(apply_overrides(TrainConfig(), [override]))
+    with pytest.raises(DCAEError, match="expected int"):
+        apply_overrides(TrainConfig(), ["structured_latent.channels=16,many"])
+
+
+def test_kept_channels_per_batch_and_per_sample():
+    candidates = (16, 32, 64, 128)
+    per_batch, per_sample = StructuredLatentConfig(enabled=True), StructuredLatentConfig(enabled=True, per="sample")
+    steps = [sample_kept_channels(per_batch, candidates, 128, 0, step, 4) for step in range(200)]
+    assert all(len(set(k.tolist())) == 1 for k in steps)  # one c' for the whole batch
+    assert {int(k[0]) for k in steps} == set(candidates)  # every candidate is drawn, nothing else
+    assert all(torch.equal(steps[7], sample_kept_channels(per_batch, candidates, 128, 0, 7, 4)) for _ in range(2))
+    assert any(not torch.equal(a, b) for a, b in zip(steps, [sample_kept_channels(per_batch, candidates, 128, 1, s, 4)
+                                                            for s in range(200)]))  # the seed matters
+    # Ranks: per batch every rank has the global c'; per sample the ranks interleave the global batch's draws.
+    for cfg in (per_batch, per_sample):
+        single = sample_kept_channels(cfg, candidates, 128, 0, 3, batch_size=8)
+        ranks = [sample_kept_channels(cfg, candidates, 128, 0, 3, batch_size=4, rank=r, world_size=2) for r in (0, 1)]
+        assert torch.equal(torch.stack(ranks, dim=1).flatten(), single)
+    assert len(set(sample_kept_channels(per_sample, candidates, 128, 0, 3, 64).tolist())) > 1  # varies in a batch
+    always_full = StructuredLatentConfig(enabled=True, per="sample", full_prob=1.0)
+    assert sample_kept_channels(always_full, (16,), 128, 0, 0, 8).tolist() == [128] * 8
+    mask = channel_mask(torch.tensor([2, 5]), 5)
+    assert mask.shape == (2, 5, 1, 1) and mask.flatten(1).tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+def test_channel_mask_decodes_the_prefix_and_zeroes_the_tail_gradient():
+    torch.manual_seed(0)
+    model = dcae.create_model(STRUCTURED).eval()  # eval: BatchNorm must not mix the two images' statistics
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    kept = torch.tensor([16, 48])
+    y = ChannelMaskedAutoencoder(model)(x, channel_mask(kept, 128))
+    with torch.no_grad():
+        for i, k in enumerate(kept.tolist()):  # zeroing channels k.. == decoding the k-channel prefix
+            prefix = model.decode(model.encode(x[i:i + 1], channels=k))
+            torch.testing.assert_close(y[i:i + 1], prefix, atol=1e-5, rtol=1e-4)
+    (y - x).abs().mean().backward()
+    out_weight, in_weight = model.encoder.project_out.conv.weight, model.decoder.project_in.conv.weight
+    assert out_weight.grad[48:].abs().max() == 0 and out_weight.grad[:48].abs().max() > 0
+    assert in_weight.grad[:, 48:].abs().max() == 0 and in_weight.grad[:, :48].abs().max() > 0
+
+
+def test_structured_latent_needs_a_structured_preset(tmp_path, capsys):
+    args = ["train", "--data", str(BSDS_VAL), "--phase", "1", "--steps", "1", "--batch-size", "1", "--resolution",
+            "32", "--num-workers", "0"]
+    overrides = ["progress=false", "phase.structured_latent.enabled=true"]
+    assert main([*args, "--preset", PRESET, "--run-dir", str(tmp_path / "a"), *overrides]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"model '{PRESET}' has no structured latent" in err
+    assert "dc-ae-tiny-f32c128-1.5" in err
+    assert main([*args, "--preset", STRUCTURED, "--run-dir", str(tmp_path / "b"), *overrides,
+                 "structured_latent.channels=16,256"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "256 is outside 1..128" in err
 
 
 # ----------------------------------------------------------------------------------------------------------------------

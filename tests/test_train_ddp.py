@@ -5,6 +5,9 @@ gradients of per-rank mean losses, so the update is the same up to float summati
 BatchNorm layers in training mode normalise with per-rank batch statistics (gloo has no SyncBatchNorm; on CUDA
 `sync_batchnorm=true` fixes it). Phase 2 freezes the decoder's BatchNorm layers (eval mode), so it must match tightly;
 phase 1 trains them, so its losses match only to a looser tolerance.
+
+The phase-2 run also trains a structured latent (DC-AE 1.5 channel masks, one c' per image): the two ranks must take
+the c' of their images from the one global draw, or the weights would differ.
 """
 import json
 import os
@@ -20,11 +23,16 @@ BSDS_VAL = ROOT.parent / "shared" / "data" / "bsds500" / "val"
 STEPS = 3
 
 
-def _train(run_dir: Path, phase: int, nproc: int, batch_size: int) -> list[dict]:
-    args = ["-m", "dcae.cli", "train", "--preset", "dc-ae-tiny-f32c32", "--data", str(BSDS_VAL), "--phase", str(phase),
+STRUCTURED = ("phase.structured_latent.enabled=true", "structured_latent.per=sample",
+              "structured_latent.channels=16,64,128")
+
+
+def _train(run_dir: Path, phase: int, nproc: int, batch_size: int, preset: str = "dc-ae-tiny-f32c32",
+           extra: tuple[str, ...] = ()) -> list[dict]:
+    args = ["-m", "dcae.cli", "train", "--preset", preset, "--data", str(BSDS_VAL), "--phase", str(phase),
             "--steps", str(STEPS), "--batch-size", str(batch_size), "--resolution", "64", "--seed", "0",
             "--run-dir", str(run_dir), "--num-workers", "0", "progress=false", "log_every=1", "optim.warmup_steps=1",
-            "phase.lpips_weight=0.5", "precision=fp32"]  # the tolerances below are fp32's; auto may pick bf16
+            "phase.lpips_weight=0.5", "precision=fp32", *extra]  # the tolerances below are fp32's; auto may pick bf16
     if nproc > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     else:
@@ -45,10 +53,13 @@ def _losses(log: list[dict]) -> list[float]:
 
 
 def test_ddp_phase2_matches_single_process(tmp_path):
-    single = _train(tmp_path / "single", phase=2, nproc=1, batch_size=4)
-    ddp = _train(tmp_path / "ddp", phase=2, nproc=2, batch_size=2)
+    structured = {"preset": "dc-ae-tiny-f32c128-1.5", "extra": STRUCTURED}
+    single = _train(tmp_path / "single", phase=2, nproc=1, batch_size=4, **structured)
+    ddp = _train(tmp_path / "ddp", phase=2, nproc=2, batch_size=2, **structured)
     assert ddp[0]["world_size"] == 2 and single[0]["world_size"] == 1
     assert len(_losses(ddp)) == STEPS
+    kept = [line["kept_channels"] for line in single if "loss" in line]
+    assert [line["kept_channels"] for line in ddp if "loss" in line] == kept and len(set(kept)) > 1
     for a, b in zip(_losses(single), _losses(ddp)):
         assert b == pytest.approx(a, rel=1e-4)
     assert _max_diff(tmp_path / "single" / "model.safetensors", tmp_path / "ddp" / "model.safetensors") < 1e-5

@@ -4,17 +4,23 @@ Pipeline (efficientvit's evaluator): ADM centre crop to R, reconstruct (in fp32 
 or --dtype asks for another; the JSON records which), round both images through uint8,
 per-image PSNR/SSIM/LPIPS(alex) averaged, rFID between Inception features of the references and the reconstructions.
 Reference statistics are cached on disk. Under `torchrun` the files are split across ranks and the sums all-reduced.
+
+`--channels K1 K2 ...` (structured-latent models, DC-AE 1.5): each image is encoded once and decoded from its first K
+latent channels for each K; the JSON then holds one entry of metrics per K (`by_channels`) and `--plot FILE` draws
+them (docs/structured_latent.md).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from dcae.autoencoder import check_latent_channels
 from dcae.commands.options import add_dtype_argument
 from dcae.errors import DCAEError
 from dcae.files import write_json
@@ -23,6 +29,7 @@ from dcae.metrics import (
     FeatureStats, MeanAccumulator, adm_center_crop, fid_from_stats, psnr, quantize, ssim, sum_across_ranks, to_uint8,
 )
 from dcae.perceptual import LPIPS, InceptionFeatures
+from dcae.provenance import provenance
 from dcae.runs import init_distributed
 from dcae.runtime import Runtime, load_model
 
@@ -38,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_pipeline_arguments(parser)
     parser.add_argument("--html", type=Path, default=None, metavar="DIR",
                         help="also write a static comparison page (images, error maps, per-image metrics) here")
+    parser.add_argument("--channels", type=int, nargs="+", default=None, metavar="K",
+                        help="metrics of reconstructions from the first K latent channels, for each K (structured-"
+                             "latent models, e.g. --channels 16 32 64 128); default: all channels")
+    parser.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
+                        help="with --channels: draw quality against K here (needs matplotlib, the experiments extra)")
 
 
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,44 +96,80 @@ def evaluate(model: torch.nn.Module, files: list[Path], resolution: int, batch_s
     The autoencoder runs under `runtime`'s autocast (fp32 when None); the metric networks always in fp32.
     `on_batch(paths, images, reconstructions, {"psnr"|"ssim"|"lpips": per-image values})` sees each batch (uint8).
     """
+    results, ref_stats = evaluate_channels(model, files, resolution, batch_size, device, reference, [None], rank,
+                                           world, runtime, on_batch=[on_batch])
+    return results[0], ref_stats
+
+
+def evaluate_channels(model: torch.nn.Module, files: list[Path], resolution: int, batch_size: int,
+                      device: torch.device, reference: FeatureStats | None, channels: Sequence[int | None],
+                      rank: int = 0, world: int = 1, runtime: Runtime | None = None,
+                      on_batch: Sequence[Callable | None] | None = None) -> tuple[list[dict], FeatureStats]:
+    """`evaluate` for reconstructions from the first k latent channels, one result per k in `channels` (None: the
+    plain model(x)). Each batch is encoded once and decoded once per k; `on_batch[i]` sees the i-th k's batches."""
     runtime = runtime or Runtime(torch.device(device), "fp32", "fp32")
     lpips, inception = LPIPS("alex").to(device), InceptionFeatures().to(device)
-    acc = {name: MeanAccumulator() for name in ("psnr", "ssim", "lpips")}
-    recon_stats, ref_stats = FeatureStats(), reference or FeatureStats()
+    acc = [{name: MeanAccumulator() for name in ("psnr", "ssim", "lpips")} for _ in channels]
+    recon_stats, ref_stats = [FeatureStats() for _ in channels], reference or FeatureStats()
+    callbacks = list(on_batch or [None] * len(channels))
     shard = files[rank::world]
     batches = [shard[i : i + batch_size] for i in range(0, len(shard), batch_size)]
     model.eval().to(device)
     for paths in tqdm(batches, desc="eval", unit="batch", disable=None if rank == 0 else True):
         images = load_batch(paths, resolution).to(device)  # (B, 3, R, R) uint8
         x = (images.float() / 255 - 0.5) / 0.5  # (B, 3, R, R) in [-1, 1], as ToTensor + Normalize(0.5, 0.5)
+        ref01 = images.float() / 255
         with torch.no_grad(), runtime.autocast():
-            y = model(x).float()  # (B, 3, R, R), not clamped
-        ref01, rec01 = images.float() / 255, quantize(y)  # both hold exact uint8 values
-        with torch.no_grad():
-            values = {"psnr": psnr(ref01, rec01), "ssim": ssim(ref01, rec01),
-                      "lpips": lpips(ref01 * 2 - 1, rec01 * 2 - 1).flatten()}
-        for name, value in values.items():
-            acc[name].update(value)
-        if on_batch is not None:
-            on_batch(paths, images, to_uint8(y), values)
-        recon_stats.update(inception(to_uint8(y)))
+            z = model.encode(x) if channels != [None] else None  # (B, c, h, w), shared by every k
+        for i, k in enumerate(channels):
+            with torch.no_grad(), runtime.autocast():
+                y = (model(x) if z is None else model.decode(z[:, :k])).float()  # (B, 3, R, R), not clamped
+            rec01 = quantize(y)  # both hold exact uint8 values
+            with torch.no_grad():
+                values = {"psnr": psnr(ref01, rec01), "ssim": ssim(ref01, rec01),
+                          "lpips": lpips(ref01 * 2 - 1, rec01 * 2 - 1).flatten()}
+            for name, value in values.items():
+                acc[i][name].update(value)
+            if callbacks[i] is not None:
+                callbacks[i](paths, images, to_uint8(y), values)
+            recon_stats[i].update(inception(to_uint8(y)))
         if reference is None:
             ref_stats.update(inception(images))
-    for a in acc.values():
-        a.all_reduce()
-    recon_stats.all_reduce()
+    for stats, accumulators in zip(recon_stats, acc):
+        for a in accumulators.values():
+            a.all_reduce()
+        stats.all_reduce()
     if reference is None:
         ref_stats.all_reduce()
-    n = int(acc["psnr"].count.item())
-    result = {name: a.mean for name, a in acc.items()}
-    result["rfid"] = fid_from_stats(ref_stats, recon_stats) if n >= 2 and rank == 0 else None  # sqrtm once
-    result["n"] = n
-    return result, ref_stats
+    results = []
+    for stats, accumulators in zip(recon_stats, acc):
+        n = int(accumulators["psnr"].count.item())
+        result = {name: a.mean for name, a in accumulators.items()}
+        result["rfid"] = fid_from_stats(ref_stats, stats) if n >= 2 and rank == 0 else None  # sqrtm once
+        result["n"] = n
+        results.append(result)
+    return results, ref_stats
+
+
+def sweep_channels(model: torch.nn.Module, channels: list[int] | None) -> list[int] | None:
+    """--channels checked against the model (the one-line error of `check_latent_channels`), sorted, duplicates
+    dropped; None when not given."""
+    if channels is None:
+        return None
+    for k in channels:
+        check_latent_channels(model.config, k)
+    return sorted(set(channels))
 
 
 def run(args: argparse.Namespace) -> int:
     found = find_eval_images(args)
     files = [path for path, _ in found]
+    if args.plot is not None:
+        if args.channels is None:
+            raise DCAEError("--plot draws quality against --channels: give --channels K1 K2 ... too")
+        from dcae.report_plots import require_matplotlib
+
+        require_matplotlib("--plot")  # before the evaluation, not after it
     runtime = Runtime.choose(args.device, args.dtype)
     started = not dist.is_initialized()
     d = init_distributed(runtime.device.type)  # under torchrun: gloo on CPU, nccl on this rank's GPU
@@ -131,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
     factor = int(getattr(model, "spatial_factor", 1))
     if args.resolution % factor:
         raise DCAEError(f"--resolution {args.resolution} is not a multiple of the model's spatial factor {factor}")
+    channels = sweep_channels(model, args.channels)
     if rank == 0:
         runtime.announce("eval")
 
@@ -138,27 +187,41 @@ def run(args: argparse.Namespace) -> int:
     cache = cache_dir / f"{reference_key(files, args.resolution)}.npz"
     have = torch.tensor(float(cache.is_file()), dtype=torch.float64)
     reference = FeatureStats.load(cache) if sum_across_ranks(have)[0].item() == world else None  # all ranks agree
+    labels = [str(args.model)] if channels is None else [f"{args.model} @ {k} channels" for k in channels]
     report = None
     if args.html is not None and rank == 0:
         from dcae.report_html import ComparisonReport
 
-        report = ComparisonReport(args.html, [str(args.model)], title=f"dcae eval: {args.model}",
+        report = ComparisonReport(args.html, labels, title=f"dcae eval: {args.model}",
                                   settings={"data": args.data, "resolution": args.resolution})
-    on_batch = report.batch_writer(0, {p: str(rel) for p, rel in found}) if report else None
-    result, ref_stats = evaluate(model, files, args.resolution, args.batch_size, device, reference, rank, world,
-                                 runtime, on_batch=on_batch)
+    names = {p: str(rel) for p, rel in found}
+    on_batch = [report.batch_writer(i, names) for i in range(len(labels))] if report else None
+    results, ref_stats = evaluate_channels(model, files, args.resolution, args.batch_size, device, reference,
+                                           channels or [None], rank, world, runtime, on_batch=on_batch)
     if rank == 0 and reference is None and ref_stats.n >= 2:
         ref_stats.save(cache)
+    if channels is None:
+        result = dict(results[0])
+    else:
+        result = {"channels": channels, "latent_channels": model.latent_channels, "n": results[0]["n"],
+                  "by_channels": [{"channels": k, **r} for k, r in zip(channels, results)]}
     result.update(resolution=args.resolution, model=str(args.model), reference_stats=str(cache),
                   runtime=runtime.record())
     if rank == 0:
-        rfid = "n/a (needs 2+ images)" if result["rfid"] is None else f"{result['rfid']:.4f}"
-        print(f"{args.model} on {args.data} at {args.resolution}px, n={result['n']}: psnr {result['psnr']:.3f}  "
-              f"ssim {result['ssim']:.4f}  lpips {result['lpips']:.4f}  rfid {rfid}")
+        result["provenance"] = provenance({"model": args.model}, device=device.type)
+        for label, r in zip(labels, results):
+            rfid = "n/a (needs 2+ images)" if r["rfid"] is None else f"{r['rfid']:.4f}"
+            print(f"{label} on {args.data} at {args.resolution}px, n={r['n']}: psnr {r['psnr']:.3f}  "
+                  f"ssim {r['ssim']:.4f}  lpips {r['lpips']:.4f}  rfid {rfid}")
         if args.json is not None:
             write_json(args.json, result)
         if report is not None:
-            print(f"wrote {report.write([result])}")
+            print(f"wrote {report.write(results)}")
+        if args.plot is not None:
+            from dcae.report_plots import plot_channel_sweep
+
+            title = f"{args.model} on {args.data.name} at {args.resolution}px (n={result['n']})"
+            print(f"wrote {plot_channel_sweep({str(args.model): result}, args.plot, title=title)}")
     if started:
         dist.destroy_process_group()
     return 0
