@@ -36,7 +36,7 @@ from dcae.files import write_json as write_json_atomic
 from dcae.provenance import file_sha256, provenance
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+DATA = Path(os.environ.get("DCAE_DATA") or REPO.parent / "shared" / "data")  # DCAE_DATA: the same layout elsewhere
 BSDS = DATA / "bsds500"
 EVAL_SETS = {"kodak24": DATA / "kodak24", "sunhays80": DATA / "sunhays80"}  # evaluation only: never trained on
 TRAIN_FOLDER = Path("runs/data/bsds500-train+test")  # relative to the repository root, like runs/
@@ -69,7 +69,8 @@ def union_folder(root: Path, source: Path = BSDS, parts: Iterable[str] = ("train
                 continue
             link = root / part / image.name
             if not link.is_symlink():
-                link.symlink_to(image.resolve())
+                with contextlib.suppress(FileExistsError):  # made by a concurrent study meanwhile
+                    link.symlink_to(image.resolve())
     return root
 
 

@@ -19,11 +19,13 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from experiments.common import (
-    EVAL_SETS, REPO, finish, new_results, record_arm, study_parser, train_phase1, weights_file, write_json_atomic,
+    EVAL_SETS, REPO, finish, new_results, record_arm, study_parser, train_phase1, training_data, weights_file,
+    write_json_atomic,
 )
 from dcae.provenance import file_sha256
 
@@ -39,9 +41,10 @@ def spec_name(set_name: str, resolution: int, k: int) -> str:
 
 
 def evaluate_sweep(run_dir: Path, set_name: str, resolution: int, channels: list[int], weights: str,
-                   limit: int | None) -> dict[str, dict[str, Any]]:
+                   limit: int | None, rfid: bool = True) -> dict[str, dict[str, Any]]:
     """One `dcae eval --channels ...` of a run's weights -> {spec: metrics} with one spec per kept-channel count."""
-    tag = f"{set_name}_{resolution}-k{'-'.join(map(str, channels))}-{weights}{f'-n{limit}' if limit else ''}"
+    tag = (f"{set_name}_{resolution}-k{'-'.join(map(str, channels))}-{weights}{f'-n{limit}' if limit else ''}"
+           f"{'' if rfid else '-no-rfid'}")
     cache = Path(run_dir) / "eval" / f"{tag}.json"
     if not cache.is_file():
         started = time.time()
@@ -50,7 +53,7 @@ def evaluate_sweep(run_dir: Path, set_name: str, resolution: int, channels: list
         tmp.parent.mkdir(parents=True, exist_ok=True)
         cli = ["--model", str(model), "--data", str(EVAL_SETS[set_name]), "--resolution", str(resolution),
                "--channels", *map(str, channels), "--json", str(tmp), "--batch-size", "4"]
-        cli += ["--limit", str(limit)] if limit else []
+        cli += (["--limit", str(limit)] if limit else []) + ([] if rfid else ["--no-rfid"])
         subprocess.run([sys.executable, "-m", "dcae.cli", "eval", *cli], check=True, cwd=REPO)
         sweep = json.loads(tmp.read_text())
         tmp.unlink()
@@ -80,24 +83,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, nargs="+", default=list(CHANNELS), help="kept-channel counts")
     parser.add_argument("--eval-sets", nargs="+", choices=list(EVAL_SETS), default=list(EVAL_SETS))
     parser.add_argument("--eval-resolution", type=int, default=256, help="ADM centre-crop side for evaluation")
+    parser.add_argument("--no-rfid", dest="rfid", action="store_false",
+                        help="PSNR/SSIM/LPIPS only (for machines without the InceptionV3 weights)")
+    parser.add_argument("--parallel", action="store_true",
+                        help="train every (seed, arm) run at once (an accelerator with room for all: equal conditions "
+                             "for every arm), then evaluate")
     args = parser.parse_args(argv)
     results = new_results("structured_latent_study", args, CLAIM)
     specs = [spec_name(s, args.eval_resolution, k) for s in args.eval_sets for k in args.channels]
     results["specs"], results["channels"], results["preset"] = specs, args.channels, PRESET
     started = time.time()
-    for seed in args.seeds:
-        for name in args.arms:
-            train = train_phase1(args, PRESET, seed, extra=ARMS[name])
-            run_dir = Path(train["run_dir"])
-            weights = weights_file(run_dir, args.weights)
-            evals: dict[str, Any] = {}
-            for set_name in args.eval_sets:
-                evals.update(evaluate_sweep(run_dir, set_name, args.eval_resolution, args.channels, args.weights,
-                                            args.eval_limit))
-            arm = {"name": name, "seed": seed, "run_dir": str(run_dir), "train": [train], "preset": PRESET,
-                   "overrides": ARMS[name], "weights_sha256": file_sha256(weights) if weights.is_file() else None,
-                   "train_wall_s": train["used_s"], "train_loop_s": train["loop_s"], "eval": evals}
-            record_arm(results, arm, started, args.out)
+    jobs = [(seed, name) for seed in args.seeds for name in args.arms]
+    trained: dict[tuple[int, str], dict[str, Any]] = {}
+    if args.parallel:
+        training_data()  # the training folder of links, made once before the threads start
+        with ThreadPoolExecutor(len(jobs)) as pool:  # each thread waits on its own `dcae train` subprocess
+            futures = {job: pool.submit(train_phase1, args, PRESET, job[0], ARMS[job[1]]) for job in jobs}
+            trained = {job: future.result() for job, future in futures.items()}
+    for seed, name in jobs:
+        train = trained.get((seed, name)) or train_phase1(args, PRESET, seed, extra=ARMS[name])
+        run_dir = Path(train["run_dir"])
+        weights = weights_file(run_dir, args.weights)
+        evals: dict[str, Any] = {}
+        for set_name in args.eval_sets:
+            evals.update(evaluate_sweep(run_dir, set_name, args.eval_resolution, args.channels, args.weights,
+                                        args.eval_limit, args.rfid))
+        arm = {"name": name, "seed": seed, "run_dir": str(run_dir), "train": [train], "preset": PRESET,
+               "overrides": ARMS[name], "weights_sha256": file_sha256(weights) if weights.is_file() else None,
+               "train_wall_s": train["used_s"], "train_loop_s": train["loop_s"], "eval": evals}
+        record_arm(results, arm, started, args.out)
     return finish(results, specs[:1] + specs[len(args.channels) - 1:len(args.channels)], args.out)
 
 

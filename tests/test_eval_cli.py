@@ -242,6 +242,28 @@ def test_eval_channel_sweep_json_and_plot(structured_checkpoint, eval_data, tmp_
     assert "@ 16 channels" in printed and "@ 128 channels" in printed and f"wrote {plot}" in printed
 
 
+def test_eval_no_rfid_never_builds_inception(structured_checkpoint, eval_data, tmp_path, monkeypatch):
+    """--no-rfid: PSNR/SSIM/LPIPS as with rFID, no InceptionV3 built (machines without its weights), rfid null."""
+    import dcae.commands.eval
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("InceptionV3 built under --no-rfid")
+
+    monkeypatch.setattr(dcae.commands.eval, "InceptionFeatures", ColourFeatures)
+    common = ["eval", "--dtype", "fp32", "--model", str(structured_checkpoint), "--data", str(eval_data),
+              "--resolution", "32", "--channels", "16", "128", "--batch-size", "2", "--device", "cpu",
+              "--stats-cache", str(tmp_path / "cache")]
+    assert main([*common, "--json", str(tmp_path / "with.json")]) == 0
+    monkeypatch.setattr(dcae.commands.eval, "InceptionFeatures", refuse)
+    assert main([*common, "--json", str(tmp_path / "without.json"), "--no-rfid"]) == 0
+    with_rfid, without = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("with", "without"))
+    assert without["reference_stats"] is None
+    for a, b in zip(with_rfid["by_channels"], without["by_channels"]):
+        assert b["rfid"] is None and a["rfid"] is not None
+        assert {k: a[k] for k in ("channels", "psnr", "ssim", "lpips", "n")} == \
+            {k: b[k] for k in ("channels", "psnr", "ssim", "lpips", "n")}
+
+
 def test_eval_channels_errors_are_one_line(tiny_checkpoint, eval_data, tmp_path, capsys):
     from dcae.commands.eval import sweep_channels
     import dcae

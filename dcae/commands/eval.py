@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--channels", type=int, nargs="+", default=None, metavar="K",
                         help="metrics of reconstructions from the first K latent channels, for each K (structured-"
                              "latent models, e.g. --channels 16 32 64 128); default: all channels")
+    parser.add_argument("--no-rfid", dest="rfid", action="store_false",
+                        help="skip rFID (no InceptionV3: PSNR/SSIM/LPIPS only; rfid is null in the JSON)")
     parser.add_argument("--plot", type=Path, default=None, metavar="FILE.png",
                         help="with --channels: draw quality against K here (needs matplotlib, the experiments extra)")
 
@@ -104,11 +106,13 @@ def evaluate(model: torch.nn.Module, files: list[Path], resolution: int, batch_s
 def evaluate_channels(model: torch.nn.Module, files: list[Path], resolution: int, batch_size: int,
                       device: torch.device, reference: FeatureStats | None, channels: Sequence[int | None],
                       rank: int = 0, world: int = 1, runtime: Runtime | None = None,
-                      on_batch: Sequence[Callable | None] | None = None) -> tuple[list[dict], FeatureStats]:
+                      on_batch: Sequence[Callable | None] | None = None, rfid: bool = True
+                      ) -> tuple[list[dict], FeatureStats]:
     """`evaluate` for reconstructions from the first k latent channels, one result per k in `channels` (None: the
-    plain model(x)). Each batch is encoded once and decoded once per k; `on_batch[i]` sees the i-th k's batches."""
+    plain model(x)). Each batch is encoded once and decoded once per k; `on_batch[i]` sees the i-th k's batches.
+    rfid=False: no InceptionV3 is loaded or run, and every result's rfid is None."""
     runtime = runtime or Runtime(torch.device(device), "fp32", "fp32")
-    lpips, inception = LPIPS("alex").to(device), InceptionFeatures().to(device)
+    lpips, inception = LPIPS("alex").to(device), InceptionFeatures().to(device) if rfid else None
     acc = [{name: MeanAccumulator() for name in ("psnr", "ssim", "lpips")} for _ in channels]
     recon_stats, ref_stats = [FeatureStats() for _ in channels], reference or FeatureStats()
     callbacks = list(on_batch or [None] * len(channels))
@@ -132,8 +136,9 @@ def evaluate_channels(model: torch.nn.Module, files: list[Path], resolution: int
                 acc[i][name].update(value)
             if callbacks[i] is not None:
                 callbacks[i](paths, images, to_uint8(y), values)
-            recon_stats[i].update(inception(to_uint8(y)))
-        if reference is None:
+            if inception is not None:
+                recon_stats[i].update(inception(to_uint8(y)))
+        if reference is None and inception is not None:
             ref_stats.update(inception(images))
     for stats, accumulators in zip(recon_stats, acc):
         for a in accumulators.values():
@@ -145,7 +150,7 @@ def evaluate_channels(model: torch.nn.Module, files: list[Path], resolution: int
     for stats, accumulators in zip(recon_stats, acc):
         n = int(accumulators["psnr"].count.item())
         result = {name: a.mean for name, a in accumulators.items()}
-        result["rfid"] = fid_from_stats(ref_stats, stats) if n >= 2 and rank == 0 else None  # sqrtm once
+        result["rfid"] = fid_from_stats(ref_stats, stats) if rfid and n >= 2 and rank == 0 else None  # sqrtm once
         result["n"] = n
         results.append(result)
     return results, ref_stats
@@ -187,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
     cache = cache_dir / f"{reference_key(files, args.resolution)}.npz"
     have = torch.tensor(float(cache.is_file()), dtype=torch.float64)
     reference = FeatureStats.load(cache) if sum_across_ranks(have)[0].item() == world else None  # all ranks agree
+    if not args.rfid:
+        reference = FeatureStats()  # never computed nor saved: no Inception runs
     labels = [str(args.model)] if channels is None else [f"{args.model} @ {k} channels" for k in channels]
     report = None
     if args.html is not None and rank == 0:
@@ -197,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     names = {p: str(rel) for p, rel in found}
     on_batch = [report.batch_writer(i, names) for i in range(len(labels))] if report else None
     results, ref_stats = evaluate_channels(model, files, args.resolution, args.batch_size, device, reference,
-                                           channels or [None], rank, world, runtime, on_batch=on_batch)
+                                           channels or [None], rank, world, runtime, on_batch=on_batch, rfid=args.rfid)
     if rank == 0 and reference is None and ref_stats.n >= 2:
         ref_stats.save(cache)
     if channels is None:
@@ -205,12 +212,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         result = {"channels": channels, "latent_channels": model.latent_channels, "n": results[0]["n"],
                   "by_channels": [{"channels": k, **r} for k, r in zip(channels, results)]}
-    result.update(resolution=args.resolution, model=str(args.model), reference_stats=str(cache),
+    result.update(resolution=args.resolution, model=str(args.model), reference_stats=str(cache) if args.rfid else None,
                   runtime=runtime.record())
     if rank == 0:
         result["provenance"] = provenance({"model": args.model}, device=device.type)
         for label, r in zip(labels, results):
-            rfid = "n/a (needs 2+ images)" if r["rfid"] is None else f"{r['rfid']:.4f}"
+            rfid = ("skipped (--no-rfid)" if not args.rfid else "n/a (needs 2+ images)") if r["rfid"] is None \
+                else f"{r['rfid']:.4f}"
             print(f"{label} on {args.data} at {args.resolution}px, n={r['n']}: psnr {r['psnr']:.3f}  "
                   f"ssim {r['ssim']:.4f}  lpips {r['lpips']:.4f}  rfid {rfid}")
         if args.json is not None:
