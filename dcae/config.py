@@ -63,6 +63,8 @@ def parse_value(text: str, kind: Any, key: str) -> Any:
             raise ValueError(text)
         if typing.get_origin(kind) is tuple:
             parts = [p for p in text.strip("()[] ").split(",") if p.strip()]
+            if len(args) == 2 and args[1] is Ellipsis:  # tuple[int, ...]: any length
+                args = (args[0],) * len(parts)
             return tuple(parse_value(p.strip(), a, key) for p, a in zip(parts, args, strict=True))
         if kind is int:
             return int(float(text)) if "e" in text.lower() else int(text)
