@@ -59,9 +59,13 @@ def tiny_config(cache_dir: Path, run_dir: Path, **changes) -> TrainDiffusionConf
     return dataclasses.replace(config, **changes)
 
 
-def losses(run_dir: Path) -> list[float]:
+def log_lines(run_dir: Path, key: str) -> list[dict]:
     lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return [line["loss"] for line in lines if "loss" in line]
+    return [line for line in lines if key in line]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [line["loss"] for line in log_lines(run_dir, "loss")]
 
 
 @pytest.mark.parametrize("objective", ["flow", "eps"])
@@ -79,10 +83,16 @@ def test_bf16_autocast_trains(cache_dir, tmp_path):
     assert load_file(run_dir / "checkpoints" / "step_00000003" / "model.safetensors")["pos_embed"].dtype == torch.float32
 
 
-def test_resume_is_exact(cache_dir, tmp_path):
-    straight = train_diffusion(tiny_config(cache_dir, tmp_path / "a", steps=6))
-    train_diffusion(tiny_config(cache_dir, tmp_path / "b", steps=3))
-    resumed = train_diffusion(tiny_config(cache_dir, tmp_path / "b", steps=6), resume=True)
+AUGMENT = {"augment_weight": 0.5, "augment_channels": (1, 2)}
+
+
+@pytest.mark.parametrize("changes", [{}, AUGMENT, {**AUGMENT, "augment_mask_input": False, "latent_channels": 2,
+                                                   "augment_channels": (1,)}],
+                         ids=["plain", "augment", "augment-loss-only-2-channels"])
+def test_resume_is_exact(cache_dir, tmp_path, changes):
+    straight = train_diffusion(tiny_config(cache_dir, tmp_path / "a", steps=6, **changes))
+    train_diffusion(tiny_config(cache_dir, tmp_path / "b", steps=3, **changes))
+    resumed = train_diffusion(tiny_config(cache_dir, tmp_path / "b", steps=6, **changes), resume=True)
     for name in ("model.safetensors", "ema.safetensors"):
         a = load_file(straight / "checkpoints" / "step_00000006" / name)
         b = load_file(resumed / "checkpoints" / "step_00000006" / name)
@@ -91,8 +101,45 @@ def test_resume_is_exact(cache_dir, tmp_path):
     state_b = torch.load(resumed / "checkpoints" / "step_00000006" / "state.pt", weights_only=True)
     assert torch.equal(state_a["rng"], state_b["rng"])
     assert losses(straight) == losses(resumed)
+    prefix_losses = [[line["loss_prefix"] for line in log_lines(run, "loss_prefix")] for run in (straight, resumed)]
+    assert prefix_losses[0] == prefix_losses[1] and len(prefix_losses[0]) == (6 if changes else 0)
     with pytest.raises(DCAEError, match="already holds a training run"):
         train_diffusion(tiny_config(cache_dir, tmp_path / "a", steps=6))
+
+
+def test_augment_weight_zero_is_todays_training(cache_dir, tmp_path):
+    today = train_diffusion(tiny_config(cache_dir, tmp_path / "a", steps=3))
+    off = train_diffusion(tiny_config(cache_dir, tmp_path / "b", steps=3, augment_weight=0.0, augment_channels=(1, 2),
+                                      augment_mask_input=False))
+    for name in ("model.safetensors", "ema.safetensors"):
+        a = load_file(today / "checkpoints" / "step_00000003" / name)
+        b = load_file(off / "checkpoints" / "step_00000003" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(today) == losses(off) and log_lines(off, "loss_prefix") == []
+
+
+@pytest.mark.parametrize("preset, objective, mask_input", [("DiT-T/1", "flow", True), ("UViT-T/1", "eps", False)])
+def test_augmented_training_logs_both_losses(cache_dir, tmp_path, preset, objective, mask_input):
+    run_dir = train_diffusion(tiny_config(cache_dir, tmp_path / "run", steps=3, preset=preset, objective=objective,
+                                          augment_mask_input=mask_input, precision="fp32", **AUGMENT))
+    lines = log_lines(run_dir, "loss")
+    assert len(lines) == 3 and all(np.isfinite([line["loss_full"], line["loss_prefix"]]).all() for line in lines)
+    assert all(line["loss"] == pytest.approx(line["loss_full"] + 0.5 * line["loss_prefix"], rel=1e-6) for line in lines)
+    start = log_lines(run_dir, "event")[0]
+    assert start["augment"] == {"weight": 0.5, "sizes": [1, 2], "mask_input": mask_input}
+    assert load_run_config(run_dir).augment_channels == (1, 2)
+
+
+def test_latent_channels_train_on_a_prefix(cache_dir, tmp_path):
+    run_dir = train_diffusion(tiny_config(cache_dir, tmp_path / "run", steps=2, latent_channels=2))
+    ckpt = load_diffusion_checkpoint(run_dir)
+    assert ckpt.model.config.in_channels == 2
+    assert ckpt.info["latent_shape"] == [2, 4, 4] and ckpt.info["cache_latent_shape"] == [3, 4, 4]
+    full, prefix = load_latent_cache(cache_dir), load_latent_cache(cache_dir, channels=2)
+    assert torch.equal(prefix.latents, full.latents[:, :2]) and prefix.latents.is_contiguous()
+    assert ckpt.info["scaling_factor"] == pytest.approx(1 / full.latents[:, :2].double().std().item())
+    with pytest.raises(DCAEError, match="latent_channels=4: expected an integer from 1 to 3"):
+        train_diffusion(tiny_config(cache_dir, tmp_path / "bad", latent_channels=4))
 
 
 def test_checkpoint_carries_everything_to_sample(cache_dir, tmp_path):
@@ -163,6 +210,9 @@ def test_cli_cache_train_resume_and_sample(tmp_path, capsys):
     assert main(["train-diffusion", "--latents", str(cache), "--run-dir", str(tmp_path / "x"),
                  "model.patch_size=3"]) == 2
     assert "does not divide" in capsys.readouterr().err
+    assert main(["train-diffusion", "--latents", str(cache), "--run-dir", str(tmp_path / "x"),
+                 "--latent-channels", "16"]) == 2
+    assert "'dc-ae-tiny-f32c32' has no structured latent" in capsys.readouterr().err
     rc = main(["sample", "--diffusion", str(run_dir), "--model", "dc-ae-tiny-f32c32", "-n", "3", "--steps", "2",
                "--cfg", "1.5", "--class", "dog", "--batch-size", "2", "-o", str(out), "--device", "cpu"])
     assert rc == 0 and "not the autoencoder" not in capsys.readouterr().err
@@ -179,15 +229,45 @@ def test_cli_cache_train_resume_and_sample(tmp_path, capsys):
         assert main(argv + bad) == 2, bad
 
 
+def test_cli_structured_latent_prefix_augment_and_sample(tmp_path, capsys):
+    """A DC-AE 1.5 cache (128 channels): UViT on its first 32 with the prefix loss, sampled and decoded at 32."""
+    from dcae.cli import main
+
+    rng = np.random.default_rng(2)
+    for name in ("cat", "dog"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(2):
+            pixels = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / name / f"{i}.png")
+    cache, run_dir, out = tmp_path / "cache", tmp_path / "run", tmp_path / "samples"
+    assert main(["cache-latents", "--model", "dc-ae-tiny-f32c128-1.5", "--data", str(tmp_path / "data"), "-o",
+                 str(cache), "--resolution", "64", "--device", "cpu"]) == 0  # 128 x 2 x 2 latents
+    assert main(["train-diffusion", "--latents", str(cache), "--preset", "UViT-T/1", "--steps", "2", "--batch-size",
+                 "4", "--run-dir", str(run_dir), "model.depth=1", "progress=false", "--objective", "eps",
+                 "--latent-channels", "32", "--augment-weight", "0.5"]) == 0
+    start = log_lines(run_dir, "event")[0]
+    assert start["latent_shape"] == [32, 2, 2] and start["augment"]["sizes"] == [16]  # multiples of 16 below 32
+    assert main(["sample", "--diffusion", str(run_dir), "--model", "dc-ae-tiny-f32c128-1.5", "-n", "2", "--steps",
+                 "2", "-o", str(out), "--device", "cpu"]) == 0
+    assert json.loads((out / "sample.json").read_text())["latent_channels"] == 32
+    assert Image.open(out / "000001.png").size == (64, 64)
+    capsys.readouterr()
+    assert main(["sample", "--diffusion", str(run_dir), "--model", "dc-ae-tiny-f64c128", "-n", "1", "-o",
+                 str(tmp_path / "x"), "--device", "cpu"]) == 2
+    assert "no structured latent to decode them" in capsys.readouterr().err
+
+
 @pytest.mark.slow
-def test_ddp_two_processes_resume_exactly(cache_dir, tmp_path):
+@pytest.mark.parametrize("augment", [[], ["--augment-weight", "0.5", "--augment-channels", "1", "2"]],
+                         ids=["plain", "augment"])
+def test_ddp_two_processes_resume_exactly(cache_dir, tmp_path, augment):
     """torchrun, 2 CPU processes over gloo: 3 steps straight equal 2 steps + resume to 3, bit for bit."""
     def torchrun(*args: str) -> None:
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "dcae.cli",
                         "train-diffusion", *args, "progress=false"], check=True,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
 
-    common = ["--latents", str(cache_dir), "--preset", "DiT-T/1", "--batch-size", "8"]
+    common = ["--latents", str(cache_dir), "--preset", "DiT-T/1", "--batch-size", "8", *augment]
     torchrun(*common, "--steps", "3", "--run-dir", str(tmp_path / "straight"))
     torchrun(*common, "--steps", "2", "--run-dir", str(tmp_path / "resumed"))
     torchrun("--resume", str(tmp_path / "resumed"), "--steps", "3")

@@ -1,7 +1,8 @@
 """`dcae sample --diffusion RUN --model AE -n N -o OUT`: sample latents, decode them, write PNGs, grid.png (+ gFID).
 
 Sample i depends only on (--seed, i), not on --batch-size or the device's batch order; the class labels are drawn
-from the seed too (or fixed by --class).
+from the seed too (or fixed by --class). A model trained with --latent-channels K makes K-channel latents, the first K
+channels of the autoencoder's latent, which a structured-latent autoencoder decodes as they are.
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -61,6 +63,20 @@ def class_index(value: str | None, class_names: list[str], num_classes: int) -> 
     return index
 
 
+def check_decodes(autoencoder: Any, name: str, info: dict[str, Any]) -> None:
+    """Refuse an autoencoder that cannot decode the model's latents: another latent width than the cache's, or an
+    unstructured latent when the model makes a prefix of it (trained with --latent-channels K < C)."""
+    channels, made = int(autoencoder.latent_channels), info["latent_shape"][0]
+    cached = (info.get("cache_latent_shape") or info["latent_shape"])[0]  # older checkpoints: made == cached
+    prefix = f"the first {made} channels of " if made < cached else ""
+    if channels != cached:
+        raise DCAEError(f"--model {name}: has {channels} latent channels, the diffusion model was trained on "
+                        f"{prefix}{cached}-channel latents of {info['autoencoder'].get('name')}")
+    if made < cached and not getattr(getattr(autoencoder, "config", None), "structured_latent", False):
+        raise DCAEError(f"--model {name}: the diffusion model makes {prefix}its latent (--latent-channels {made}); "
+                        f"this autoencoder has no structured latent to decode them")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.num_images < 1 or args.batch_size < 1 or (args.steps is not None and args.steps < 1):
         raise DCAEError("-n, --batch-size and --steps must be positive")
@@ -78,9 +94,7 @@ def run(args: argparse.Namespace) -> int:
         raise DCAEError(f"--sampler {sampler}: does not fit the {objective.name} objective; "
                         f"choose from {', '.join(objective.samplers)}")
     autoencoder, model_id = load_model(args.model, device, "sample")
-    if int(autoencoder.latent_channels) != info["latent_shape"][0]:
-        raise DCAEError(f"--model {args.model}: has {autoencoder.latent_channels} latent channels, the diffusion model "
-                        f"was trained on {info['latent_shape'][0]}-channel latents of {info['autoencoder'].get('name')}")
+    check_decodes(autoencoder, args.model, info)
     if cache_hash(autoencoder) != info["autoencoder_config_hash"]:
         warn("sample", f"--model {args.model} is not the autoencoder the latents were cached with "
                        f"({info['autoencoder'].get('name')}); the images will be wrong")
@@ -108,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {"diffusion": str(ckpt.path), "step": info["step"], "autoencoder": model_id, "n": args.num_images,
                "cfg": args.cfg, "sampler": sampler, "steps": args.steps or objective.default_steps, "seed": args.seed,
                "class": args.class_, "ema": not args.no_ema, "seconds": seconds,
+               "latent_channels": info["latent_shape"][0],
                "spacing": args.spacing if info["objective"] == "eps" else None, "runtime": runtime.record()}
     if args.fid_ref:
         summary["gfid"], summary["fid_reference_images"] = gfid(uint8, args.fid_ref, device=device)

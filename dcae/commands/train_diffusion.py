@@ -23,7 +23,9 @@ from dcae.errors import DCAEError
 
 # flag -> config key; flags default to None so that only the ones given override a resumed run's config
 FLAGS = {"latents": "latents", "preset": "preset", "steps": "steps", "batch_size": "batch_size", "lr": "optim.lr",
-         "objective": "objective", "run_dir": "run_dir", "seed": "seed", "tensorboard": "tensorboard"}
+         "objective": "objective", "run_dir": "run_dir", "seed": "seed", "tensorboard": "tensorboard",
+         "latent_channels": "latent_channels", "augment_weight": "augment_weight",
+         "augment_channels": "augment_channels", "augment_mask_input": "augment_mask_input"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,12 +42,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--tensorboard", action="store_true", default=None,
                         help="also log the log.jsonl scalars to RUN/tensorboard")
+    parser.add_argument("--latent-channels", type=int, metavar="K",
+                        help="train on the cache's first K channels (a structured latent's prefix; dcae sample then "
+                             "decodes K-channel latents)")
+    parser.add_argument("--augment-weight", type=float, metavar="LAMBDA",
+                        help="augmented diffusion training: add LAMBDA x the loss on a random leading-channel prefix "
+                             "(default 0: off; docs/augmented_diffusion.md)")
+    parser.add_argument("--augment-channels", type=int, nargs="+", metavar="K",
+                        help="candidate prefix sizes, one drawn per sample (default: every multiple of 16 below C)")
+    parser.add_argument("--augment-mask-input", action=argparse.BooleanOptionalAction, default=None,
+                        help="prefix pass on an input whose channels >= k are zeroed (default; ~2x compute per step); "
+                             "--no-augment-mask-input: reweight the full pass's front channels, no second pass")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.depth=4")
 
 
 def build_config(args: argparse.Namespace) -> tuple[TrainDiffusionConfig, bool]:
     """(config, resume) from flags and overrides; model.* overrides apply after the preset is sized to the cache."""
     settings = {key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None}
+    if "augment_channels" in settings:
+        settings["augment_channels"] = tuple(settings["augment_channels"])
     model_overrides = [o for o in args.overrides if o.startswith("model.")]
     other_overrides = [o for o in args.overrides if not o.startswith("model.")]
     if args.resume:

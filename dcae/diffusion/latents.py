@@ -98,7 +98,9 @@ def plan_cache(files: list[Path], labels: list[int], class_names: list[str], aut
         "shards": [{"file": shard_name(k), "count": n} for k, n in enumerate(counts)],
         "scaling_factor": getattr(config, "scaling_factor", None),  # None: unpublished; training estimates 1/std
         "autoencoder": {"source": autoencoder_source, "name": getattr(config, "name", type(autoencoder).__name__),
-                        "spatial_factor": factor, "latent_channels": channels},
+                        "spatial_factor": factor, "latent_channels": channels,
+                        # whether any k-channel prefix decodes (train-diffusion --latent-channels); null: unknown
+                        "structured_latent": getattr(config, "structured_latent", None)},
         "autoencoder_config_hash": cache_hash(autoencoder),
         "files": [str(path) for path in files],
         "labels": labels,
@@ -240,30 +242,38 @@ def cache_latents(autoencoder: torch.nn.Module, index: dict[str, Any], out: str 
 
 @dataclass
 class LatentCache:
-    """A cache read into memory: `latents` (M, c, h, w) float32 (flipped copies appended when used), `labels` (M,)."""
+    """A cache read into memory: `latents` (M, c, h, w) float32 (flipped copies appended when used; c the index's
+    channels, or the first `channels` of them), `labels` (M,)."""
 
     index: dict[str, Any]
     latents: torch.Tensor
     labels: torch.Tensor
 
 
-def load_latent_cache(directory: str | os.PathLike, use_flip: bool = True, max_bytes: int | None = None
-                      ) -> LatentCache:
+def load_latent_cache(directory: str | os.PathLike, use_flip: bool = True, max_bytes: int | None = None,
+                      channels: int | None = None, index: dict[str, Any] | None = None) -> LatentCache:
     """Read every shard of a complete cache (flipped copies appended after the originals if use_flip).
 
     Every shard's names, dtypes and shapes are checked against the index from the safetensors header before a tensor
     is read, the total is bounded by `max_bytes` (default: 80% of the free memory) before anything is read, and the
-    values are checked (finite latents, labels equal to the index's).
+    values are checked (finite latents, labels equal to the index's). `channels` keeps only the first that many
+    latent channels, shard by shard (memory holds the prefix only); `index` is read_index(directory) if the caller
+    has it already.
     """
     directory = Path(directory)
-    index = read_index(directory)
+    index = read_index(directory) if index is None else index
+    shape = list(index["latent_shape"])
+    if channels is not None:
+        if isinstance(channels, bool) or not isinstance(channels, int) or not 1 <= channels <= shape[0]:
+            raise DCAEError(f"{directory}: cannot keep {channels!r} latent channels of {shape[0]}")
+        shape[0] = channels
     shards = index["shards"]
     missing = [s["file"] for s in shards if not (directory / s["file"]).is_file()]
     if missing:
         raise DCAEError(f"{directory}: cache incomplete, {len(missing)} of {len(shards)} shards missing "
                         f"(first {missing[0]}); run the same `dcae cache-latents` command again to finish it")
     copies = 2 if use_flip and index["flip"] else 1
-    need = index["count"] * copies * 4 * math.prod(index["latent_shape"])  # float32 in memory
+    need = index["count"] * copies * 4 * math.prod(shape)  # float32 in memory
     if max_bytes is None:
         max_bytes = int(0.8 * available_memory(torch.device("cpu")))
     if need > max_bytes:
@@ -273,22 +283,24 @@ def load_latent_cache(directory: str | os.PathLike, use_flip: bool = True, max_b
     all_labels = torch.tensor(index["labels"], dtype=torch.int64)
     for k, shard in enumerate(shards):
         start, n = k * index["shard_size"], shard["count"]
-        tensors = _read_shard(directory / shard["file"], index, n, want_flip=copies == 2)
+        tensors = _read_shard(directory / shard["file"], index, n, want_flip=copies == 2, channels=shape[0])
         if not torch.equal(tensors["labels"], all_labels[start:start + n]):
             raise DCAEError(f"{directory / shard['file']}: labels differ from {INDEX_NAME}")
         latents.append(tensors["latents"])
         labels.append(tensors["labels"])
         if copies == 2:
             flipped.append(tensors["latents_flip"])
-    latents_t = torch.cat(latents) if latents else torch.zeros(0, *index["latent_shape"])
+    latents_t = torch.cat(latents) if latents else torch.zeros(0, *shape)
     labels_t = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
     if flipped:
         latents_t, labels_t = torch.cat([latents_t, torch.cat(flipped)]), torch.cat([labels_t, labels_t])
     return LatentCache(index=index, latents=latents_t, labels=labels_t)
 
 
-def _read_shard(path: Path, index: dict[str, Any], n: int, want_flip: bool) -> dict[str, torch.Tensor]:
-    """One shard's tensors, checked from the header (names, dtypes, shapes) before reading and for values after."""
+def _read_shard(path: Path, index: dict[str, Any], n: int, want_flip: bool, channels: int
+                ) -> dict[str, torch.Tensor]:
+    """One shard's tensors, checked from the header (names, dtypes, shapes) before reading and for values after;
+    latents cut to their first `channels` channels."""
     shape = [n, *index["latent_shape"]]
     wanted = {"latents": shape, "labels": [n]} | ({"latents_flip": shape} if want_flip else {})
     try:
@@ -311,7 +323,7 @@ def _read_shard(path: Path, index: dict[str, Any], n: int, want_flip: bool) -> d
         raise DCAEError(f"{path}: cannot read the shard: {first_line(error)}") from None
     for name in ("latents", "latents_flip"):
         if name in tensors:
-            tensors[name] = tensors[name].float()
+            tensors[name] = tensors[name][:, :channels].contiguous().float()  # a prefix is copied, the shard freed
             if not torch.isfinite(tensors[name]).all():
                 raise DCAEError(f"{path}: {name} has NaN/Inf values")
     tensors["labels"] = tensors["labels"].to(torch.int64)

@@ -27,19 +27,32 @@ def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
 
+Pair = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (net input x_t, net time, regression target)
+
+
+def flow_matching_pair(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> Pair:
+    """The linear path's training pair: x_t = (1-t) x0 + t noise at net time 1000 t, target velocity noise - x0."""
+    tt = _per_sample(t, x0)
+    return (1 - tt) * x0 + tt * noise, t * TIME_SCALE, noise - x0
+
+
 def flow_matching_loss(net: Net, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, **extra: Any) -> torch.Tensor:
     """SiT / rectified-flow loss (Ma et al. 2024): mean ||net(x_t, 1000 t) - (noise - x0)||^2, x_t = (1-t) x0 + t noise."""
-    tt = _per_sample(t, x0)
-    x_t = (1 - tt) * x0 + tt * noise
-    return F.mse_loss(net(x_t, t * TIME_SCALE, **extra).float(), (noise - x0).float())
+    x_t, time, target = flow_matching_pair(x0, t, noise)
+    return F.mse_loss(net(x_t, time, **extra).float(), target.float())
+
+
+def epsilon_pair(x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> Pair:
+    """DDPM's training pair: x_t = sqrt(abar) x0 + sqrt(1-abar) noise at the timestep itself, target the noise."""
+    abar = _per_sample(alphas_cumprod.to(x0.device)[timesteps], x0)
+    return abar.sqrt() * x0 + (1 - abar).sqrt() * noise, timesteps.to(x0.dtype), noise
 
 
 def epsilon_loss(net: Net, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
                  alphas_cumprod: torch.Tensor, **extra: Any) -> torch.Tensor:
     """DDPM's simple loss (Ho et al. 2020): mean ||net(x_t, t) - noise||^2, x_t = sqrt(abar) x0 + sqrt(1-abar) noise."""
-    abar = _per_sample(alphas_cumprod.to(x0.device)[timesteps], x0)
-    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
-    return F.mse_loss(net(x_t, timesteps.to(x0.dtype), **extra).float(), noise.float())
+    x_t, time, target = epsilon_pair(x0, timesteps, noise, alphas_cumprod)
+    return F.mse_loss(net(x_t, time, **extra).float(), target.float())
 
 
 def scaled_linear_betas(beta_start: float = 0.00085, beta_end: float = 0.012, steps: int = 1000) -> torch.Tensor:
@@ -68,9 +81,17 @@ class FlowMatching:
     default_sampler = "heun"
     default_steps = 25  # Heun: 49 net evaluations
 
-    def loss(self, net: Net, x0: torch.Tensor, generator: torch.Generator | None = None, **extra: Any) -> torch.Tensor:
+    def draw(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's (times (B,), noise like x0), drawn in this order from `generator`."""
         t = torch.rand(x0.shape[0], device=x0.device, generator=generator)  # uniform time, as SiT
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        return t, noise
+
+    def pair(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> Pair:
+        return flow_matching_pair(x0, t, noise)
+
+    def loss(self, net: Net, x0: torch.Tensor, generator: torch.Generator | None = None, **extra: Any) -> torch.Tensor:
+        t, noise = self.draw(x0, generator)
         return flow_matching_loss(net, x0, t, noise, **extra)
 
     def denoiser(self, net: Net) -> Denoiser:
@@ -106,9 +127,17 @@ class EpsilonPrediction:
         self.log_sigmas = 0.5 * torch.log((1 - self.alphas_cumprod) / self.alphas_cumprod)  # (N,) increasing
         self.num_timesteps = len(betas)
 
-    def loss(self, net: Net, x0: torch.Tensor, generator: torch.Generator | None = None, **extra: Any) -> torch.Tensor:
+    def draw(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch's (DDPM timesteps (B,) int64, noise like x0), drawn in this order from `generator`."""
         timesteps = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        return timesteps, noise
+
+    def pair(self, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> Pair:
+        return epsilon_pair(x0, timesteps, noise, self.alphas_cumprod.to(torch.float32))
+
+    def loss(self, net: Net, x0: torch.Tensor, generator: torch.Generator | None = None, **extra: Any) -> torch.Tensor:
+        timesteps, noise = self.draw(x0, generator)
         return epsilon_loss(net, x0, timesteps, noise, self.alphas_cumprod.to(torch.float32), **extra)
 
     def sigma_to_t(self, sigma: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,8 @@
 """Latent diffusion training on a latent cache: DiT / UViT, flow or eps objective, EMA, DDP, exact resume.
 
+Optionally on the first K channels of the cache only (`latent_channels`, for structured latents) and with the prefix
+loss of augmented diffusion training (`augment_weight`, dcae/diffusion/augment.py).
+
 `train_diffusion(config)` runs from a single CPU process up to `torchrun --nproc_per_node=N` (DDP over gloo on CPU,
 nccl on CUDA). Everything random is a pure function of (seed, step, rank): the batch at step s is a slice of per-epoch
 permutations seeded (seed, epoch), and times, noise and label dropout come from one torch.Generator per rank whose
@@ -17,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -32,7 +36,8 @@ from tqdm import tqdm
 
 from dcae.config import apply_overrides as config_overrides
 from dcae.config import config_from_dict, config_to_dict
-from dcae.diffusion.latents import LatentCache, estimate_scaling_factor, load_latent_cache
+from dcae.diffusion.augment import Augment, prefix_sizes, step_loss
+from dcae.diffusion.latents import LatentCache, estimate_scaling_factor, load_latent_cache, read_index
 from dcae.diffusion.objectives import OBJECTIVES, get_objective
 from dcae.diffusion.presets import ModelConfig, create_diffusion_model, get_diffusion_config, model_config_from_dict
 from dcae.errors import DCAEError
@@ -70,6 +75,10 @@ class TrainDiffusionConfig:
     keep_checkpoints: int = 2
     progress: bool = True  # tqdm bar on rank 0
     tensorboard: bool = False  # mirror log.jsonl to RUN_DIR/tensorboard, rank 0
+    latent_channels: int | None = None  # train on the cache's first K channels (a structured latent); None: all
+    augment_weight: float = 0.0  # lambda of the prefix loss (augmented diffusion training); 0: off, today's training
+    augment_channels: tuple[int, ...] = ()  # candidate prefix sizes k, one drawn per sample; (): 16, 32, ... below C
+    augment_mask_input: bool = True  # prefix view zeroes the input's channels >= k (a 2nd pass); False: loss-only
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -95,9 +104,40 @@ def config_from_json(data: dict[str, Any], where: str) -> TrainDiffusionConfig:
         raise DCAEError(f"{where}: {error}") from None
 
 
-def resolve_model_config(config: TrainDiffusionConfig, index: dict[str, Any]) -> ModelConfig:
-    """The preset sized for the cache: latent channels and side, and its classes (one class = unconditional)."""
+def latent_shape(config: TrainDiffusionConfig, index: dict[str, Any]) -> list[int]:
+    """[C, H, W] of the latents the model trains on: the cache's, or its first `latent_channels` channels."""
     channels, height, width = index["latent_shape"]
+    k = config.latent_channels
+    if k is None:
+        return [channels, height, width]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= channels:
+        raise DCAEError(f"latent_channels={k!r}: expected an integer from 1 to {channels} (the cache's channels)")
+    autoencoder = index.get("autoencoder") if isinstance(index.get("autoencoder"), dict) else {}
+    if k < channels and autoencoder.get("structured_latent") is False:  # None (older caches): unknown, allowed
+        raise DCAEError(f"latent_channels={k}: the cache's autoencoder {autoencoder.get('name')!r} has no "
+                        f"structured latent, so a {k}-channel prefix does not decode")
+    return [k, height, width]
+
+
+def resolve_augment(config: TrainDiffusionConfig, channels: int) -> Augment | None:
+    """The checked prefix objective (None when augment_weight is 0); candidates are checked even then."""
+    weight = config.augment_weight
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight) and weight >= 0):
+        raise DCAEError(f"augment_weight={weight!r}: expected a number >= 0 (0 turns augmented training off)")
+    if config.augment_mask_input not in (True, False):
+        raise DCAEError(f"augment_mask_input={config.augment_mask_input!r}: expected true or false")
+    where = f"latent_channels={channels}" if config.latent_channels is not None else ""
+    if weight == 0:
+        if config.augment_channels:
+            prefix_sizes(config.augment_channels, channels, where)
+        return None
+    return Augment(float(weight), prefix_sizes(config.augment_channels, channels, where), config.augment_mask_input)
+
+
+def resolve_model_config(config: TrainDiffusionConfig, index: dict[str, Any]) -> ModelConfig:
+    """The preset sized for the cache: latent channels (or `latent_channels`) and side, its classes (one class =
+    unconditional)."""
+    channels, height, width = latent_shape(config, index)
     if height != width:
         raise DCAEError(f"{config.latents}: latents are {height}x{width}; the diffusion models take square latents")
     num_classes = index["num_classes"] if index["num_classes"] > 1 else 0
@@ -115,14 +155,16 @@ def check_config(config: TrainDiffusionConfig, index: dict[str, Any], world_size
             raise DCAEError(f"{name}={getattr(config, name)}: must be positive")
     if config.batch_size % world_size:
         raise DCAEError(f"batch_size={config.batch_size} does not split evenly over {world_size} processes")
-    m = config.model
-    if [m.in_channels, m.input_size, m.input_size] != list(index["latent_shape"]):
+    m, shape = config.model, latent_shape(config, index)
+    if [m.in_channels, m.input_size, m.input_size] != shape:
+        sliced = f" (first {shape[0]} channels, latent_channels)" if config.latent_channels is not None else ""
         raise DCAEError(f"model takes {m.in_channels}x{m.input_size}x{m.input_size} latents, "
-                        f"the cache holds {index['latent_shape']}")
+                        f"training uses {shape}{sliced} of the cache's {index['latent_shape']}")
     if m.input_size % m.patch_size:
         raise DCAEError(f"model.patch_size={m.patch_size} does not divide the latent side {m.input_size}")
     if 0 < m.num_classes < index["num_classes"]:
         raise DCAEError(f"model.num_classes={m.num_classes} but the cache has {index['num_classes']} classes")
+    resolve_augment(config, shape[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -155,9 +197,11 @@ def resolve_scaling_factor(config: TrainDiffusionConfig, cache: LatentCache) -> 
 
 
 def checkpoint_metadata(config: TrainDiffusionConfig, index: dict[str, Any], step: int) -> dict[str, str]:
-    """What a checkpoint needs to sample on its own: model config, objective, scaling, classes, autoencoder."""
+    """What a checkpoint needs to sample on its own: model config, objective, scaling, classes, autoencoder.
+    latent_shape is what the model makes ([K, H, W] with latent_channels=K), cache_latent_shape what the cache holds."""
     info = {"step": step, "model": dataclasses.asdict(config.model), "objective": config.objective,
-            "scaling_factor": config.scaling_factor, "latent_shape": index["latent_shape"],
+            "scaling_factor": config.scaling_factor, "latent_shape": latent_shape(config, index),
+            "cache_latent_shape": index["latent_shape"],
             "class_names": index["class_names"], "autoencoder": index["autoencoder"],
             "autoencoder_config_hash": index["autoencoder_config_hash"], "resolution": index["resolution"],
             "train_config": config_dict(config)}
@@ -197,10 +241,14 @@ def train_diffusion(config: TrainDiffusionConfig, resume: bool = False) -> Path:
     resume_from = open_run(run_dir, resume)
     state = load_state(resume_from) if resume_from is not None else None
 
-    cache = load_latent_cache(config.latents, use_flip=config.use_flip)
+    index = read_index(config.latents)
     if config.model is None:
-        config = dataclasses.replace(config, model=resolve_model_config(config, cache.index))
-    check_config(config, cache.index, d.world_size)
+        config = dataclasses.replace(config, model=resolve_model_config(config, index))
+    check_config(config, index, d.world_size)  # before reading the shards: a bad field fails at once
+    channels = config.model.in_channels
+    augment = resolve_augment(config, channels)
+    cache = load_latent_cache(config.latents, use_flip=config.use_flip, index=index,
+                              channels=channels if config.latent_channels is not None else None)
     scale, scale_source = resolve_scaling_factor(config, cache)
     config = dataclasses.replace(config, scaling_factor=scale)
     objective = get_objective(config.objective)
@@ -229,8 +277,9 @@ def train_diffusion(config: TrainDiffusionConfig, resume: bool = False) -> Path:
         log.write(event="resume" if resume_from else "start", step=step, world_size=d.world_size,
                   device=str(d.device), **precision_record(config.precision, precision, d.device),
                   params=sum(p.numel() for p in model.parameters()),
-                  latents=len(cache.latents), scaling_factor=scale, scaling_factor_source=scale_source,
-                  resumed_from=str(resume_from) if resume_from else None)
+                  latents=len(cache.latents), latent_shape=list(cache.latents.shape[1:]), scaling_factor=scale,
+                  scaling_factor_source=scale_source, resumed_from=str(resume_from) if resume_from else None,
+                  augment=dataclasses.asdict(augment) if augment else None)
 
     def checkpoint_now() -> None:
         rng = torch.stack(gather(generator.get_state(), d))  # (world_size, n) uint8: every rank's generator
@@ -243,7 +292,8 @@ def train_diffusion(config: TrainDiffusionConfig, resume: bool = False) -> Path:
     bar = tqdm(total=config.steps, initial=step, disable=not (d.is_main and config.progress), dynamic_ncols=True,
                desc="train-diffusion")
     model.train()
-    window = torch.zeros(2, dtype=torch.float64)  # loss sum, steps
+    parts = ("loss", "loss_full", "loss_prefix") if augment else ("loss",)  # what log.jsonl averages per window
+    window = torch.zeros(len(parts) + 1, dtype=torch.float64)  # sums of `parts`, then steps
     window_time, interrupted = 0.0, ""
     try:
         with StopFlag() as stop:
@@ -259,7 +309,7 @@ def train_diffusion(config: TrainDiffusionConfig, resume: bool = False) -> Path:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 with autocast(d.device, precision):
-                    loss = objective.loss(ddp_model, x0, generator=generator, **extra)
+                    loss, logs = step_loss(objective, ddp_model, x0, generator, augment, **extra)
                 loss.backward()
                 if config.optim.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
@@ -267,14 +317,16 @@ def train_diffusion(config: TrainDiffusionConfig, resume: bool = False) -> Path:
                 optimizer.zero_grad(set_to_none=True)
                 update_ema(ema, model, ema_decay_at(step, config.ema_decay))
                 step += 1
-                window += torch.tensor([loss.item(), 1.0], dtype=torch.float64)
+                values = [loss.item()] + [logs[name].item() for name in parts[1:]]
+                window += torch.tensor([*values, 1.0], dtype=torch.float64)
                 window_time += time.perf_counter() - start
                 bar.update(1)
                 stop_now = reduce_mean(torch.tensor([float(stop.requested)], dtype=torch.float64), d)[0] > 0
                 if step % config.log_every == 0 or step == config.steps:
-                    mean_loss = float(reduce_mean(window[:1] / window[1], d)[0])
-                    images_per_s = window[1].item() * config.batch_size / max(window_time, 1e-9)
-                    log.write(step=step, loss=mean_loss, lr=lr, images_per_s=images_per_s)
+                    means = dict(zip(parts, reduce_mean(window[:-1] / window[-1], d).tolist()))
+                    mean_loss = means["loss"]
+                    images_per_s = window[-1].item() * config.batch_size / max(window_time, 1e-9)
+                    log.write(step=step, **means, lr=lr, images_per_s=images_per_s)
                     bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{images_per_s:.1f}")
                     window.zero_()
                     window_time = 0.0
