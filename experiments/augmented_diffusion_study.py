@@ -40,8 +40,8 @@ CLAIM = ("Structuring the latent (front channels = object structure) and adding 
 ARMS = {  # name -> (autoencoder arm of study 5, extra train-diffusion arguments)
     "unstructured": ("plain", []),
     "structured": ("structured", []),
-    "structured+augmented": ("structured", ["AUGMENT", "augment_mask_input=false"]),
-    "structured+augmented-input": ("structured", ["AUGMENT", "augment_mask_input=true"]),
+    "structured+augmented": ("structured", ["AUGMENT", "--no-augment-mask-input"]),
+    "structured+augmented-input": ("structured", ["AUGMENT", "--augment-mask-input"]),
 }
 DEFAULT_ARMS = ["unstructured", "structured", "structured+augmented"]
 
