@@ -1,6 +1,6 @@
 """Study 6: does DC-AE 1.5's structured latent, with augmented diffusion training, make a DiT converge faster?
 
-    python -m experiments.augmented_diffusion_study --steps 3000 --seeds 0 1 2
+    python -m experiments.augmented_diffusion_study --steps 400 --seeds 0 1 2
 
 Paper (DC-AE 1.5, arXiv 2508.00413): a c128 latent reconstructs better than a c32 one but its diffusion model
 converges slower; structuring the latent (front channels = object structure) and adding diffusion objectives on the
@@ -158,16 +158,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="study 5's results (its seed-0 runs are the autoencoders)")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=DEFAULT_ARMS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps per run (equal for every arm)")
-    parser.add_argument("--points", type=int, default=4, help="checkpoints scored by gFID per run")
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per run (equal for every arm)")
+    parser.add_argument("--points", type=int, default=2, help="checkpoints scored by gFID per run")
     parser.add_argument("--resolution", type=int, default=128, help="image side (f32: 4x4 latents at 128)")
     parser.add_argument("--preset", default="DiT-S/1")
-    parser.add_argument("--override", nargs="*", default=["model.depth=6", "model.hidden_size=256", "model.num_heads=4"],
-                        help="train-diffusion overrides (default: a 6-block, 256-wide DiT-S)")
+    parser.add_argument("--override", nargs="*", default=["model.depth=4", "model.hidden_size=128", "model.num_heads=2"],
+                        help="train-diffusion overrides (default: a 4-block, 128-wide DiT-S, sized for 2 CPU cores)")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--augment-weight", type=float, default=1.0)
-    parser.add_argument("--samples", type=int, default=200, help="generated images per gFID point")
+    parser.add_argument("--samples", type=int, default=100, help="generated images per gFID point")
     parser.add_argument("--sampler-steps", type=int, default=None, help="default: the objective's")
     parser.add_argument("--work", type=Path, default=Path("runs/experiments/augmented_diffusion"))
     parser.add_argument("--out", type=Path, default=Path("results/augmented_diffusion_study.json"))

@@ -723,10 +723,11 @@ STUDIES = [
     Study("baseline_study", "4. DC-AE vs an SD-VAE-like f8c4 baseline at equal budget",
           "python -m experiments.baseline_study --budget-min 40 --seeds 0 1 2 --resolution 128", render_baseline),
     Study("structured_latent_study", "5. DC-AE 1.5: structured latent space (channel-prefix decoding)",
-          "python -m experiments.structured_latent_study --budget-min 4 --seeds 0 1 2 --resolution 128",
+          "python -m experiments.structured_latent_study --budget-min 3 --seeds 0 1 2 --resolution 64 "
+          "--eval-resolution 128 --no-rfid",
           render_structured),
     Study("augmented_diffusion_study", "6. DC-AE 1.5: augmented diffusion training on the structured latent",
-          "python -m experiments.augmented_diffusion_study --steps 3000 --seeds 0 1 2", render_augmented),
+          "python -m experiments.augmented_diffusion_study --steps 400 --seeds 0 1 2", render_augmented),
 ]
 
 INTRO = """\
