@@ -5,7 +5,7 @@ import argparse
 import importlib
 import sys
 
-from dcae.errors import DCAEError, printable  # noqa: F401 (printable: also dcae.cli.printable)
+from dcae.errors import DCAEError, printable
 
 # name -> (module, one-line help). Each module defines `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -28,12 +28,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but its usage errors quote the user's text with line breaks escaped: one error line stays one."""
+
+    def error(self, message: str):  # type: ignore[override]
+        super().error(printable(message))
+
+
 def _available() -> dict[str, tuple[str, str]]:
     return {name: entry for name, entry in COMMANDS.items() if importlib.util.find_spec(entry[0]) is not None}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dcae", description="Deep Compression Autoencoder toolkit")
+    parser = ArgumentParser(prog="dcae", description="Deep Compression Autoencoder toolkit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in _available().items():
         sub.add_parser(name, help=help_text, add_help=False)
@@ -52,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     module_name, help_text = available[name]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"dcae {name}", description=help_text)
+    parser = ArgumentParser(prog=f"dcae {name}", description=help_text)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     try:

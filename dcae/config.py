@@ -23,21 +23,64 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 
 def config_from_dict(cls: type, data: Mapping[str, Any], where: str = "config") -> Any:
-    """Rebuild a (nested) config dataclass from `config_to_dict`; unknown keys are an error, lists become tuples."""
+    """Rebuild a (nested) config dataclass from `config_to_dict`; unknown keys and values of the wrong type are an
+    error (a config file is outside data: a string where a number belongs must fail here, not deep in a run), lists
+    become tuples, integers in float fields become floats."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
     if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+        raise ConfigError(f"{where}: unknown keys {sorted(map(str, unknown))}")
     kwargs = {}
     for key, value in data.items():
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
             kwargs[key] = config_from_dict(kind, value, f"{where}.{key}")
         else:
-            kwargs[key] = tuple(value) if isinstance(value, list) else value
+            kwargs[key] = typed_value(value, kind, f"{where}.{key}")
     return cls(**kwargs)
+
+
+def typed_value(value: Any, kind: Any, where: str) -> Any:
+    """`value` (from JSON) as a field of type `kind` (bool, int, float, str, tuples of them, X | None); a value of
+    another type is a ConfigError. Kinds it does not know (a union of dataclasses) pass unchecked."""
+    args = typing.get_args(kind)
+    if type(None) in args:
+        if value is None:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) != 1:
+            return value
+        kind, args = rest[0], typing.get_args(rest[0])
+    expected = getattr(kind, "__name__", str(kind))
+    if typing.get_origin(kind) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={_shown(value)}: expected a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(typed_value(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}={_shown(value)}: expected {len(args)} values")
+        return tuple(typed_value(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is str:
+        ok = isinstance(value, str)
+    else:
+        return value
+    if not ok:
+        raise ConfigError(f"{where}={_shown(value)}: expected {'an' if expected == 'int' else 'a'} {expected}")
+    return value
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def config_hash(data: Mapping[str, Any], length: int | None = None) -> str:

@@ -365,7 +365,8 @@ class TrainStream:
         try:
             batch = next(self._iterator)
         except DCAEError as error:  # raised in a worker: keep the one-line message, not the worker's traceback
-            raise DCAEError(str(error).strip().splitlines()[-1].removeprefix("dcae.errors.DCAEError: ")) from None
+            lines = str(error.args[0] if error.args else "").strip().splitlines()  # as raised: str() escapes them
+            raise DCAEError(lines[-1].removeprefix("dcae.errors.DCAEError: ") if lines else str(error)) from None
         if self.kind == "folder":
             self.position += self.batch_size * self.world_size
         else:

@@ -6,7 +6,13 @@ from pathlib import Path
 
 
 class DCAEError(Exception):
-    """An error caused by the user's input (a file, a value, a checkpoint), not by a bug in dcae."""
+    """An error caused by the user's input (a file, a value, a checkpoint), not by a bug in dcae.
+
+    Its message is one line wherever it is shown: the user text it quotes (a file name, a value, a tensor name) may
+    hold line breaks, so `str()` escapes them (`printable`); `args[0]` keeps the message as raised."""
+
+    def __str__(self) -> str:
+        return printable(super().__str__())
 
 
 def first_line(error: BaseException) -> str:

@@ -38,6 +38,7 @@ PARTS = ("encoder", "decoder")
 OPSET = 18  # onnxruntime >= 1.16 runs it everywhere; torch.onnx's dynamo exporter translates to it natively
 PARITY_TOLERANCE = 1e-4  # max abs difference between ONNX Runtime and dcae, fp32, per unit of output scale
 MAX_LATENT_SIDE = 4096  # upper bound of a dynamic latent side (a 131k px image at f32): a bound, not a promise
+MAX_EXAMPLE_PIXELS = 4096 * 4096  # the example is traced and run (batch 2): larger is memory, not a better export
 ONNX_METADATA_PREFIX = "dcae."
 
 
@@ -86,6 +87,10 @@ def example_input(model: nn.Module, part: str, image_size: tuple[int, int], batc
     factor = model.spatial_factor
     if height % factor or width % factor or height < factor or width < factor:
         raise DCAEError(f"--size {height}x{width}: expected positive multiples of the model's spatial factor {factor}")
+    if height * width > MAX_EXAMPLE_PIXELS or max(height, width) > MAX_LATENT_SIDE * factor:
+        raise DCAEError(f"--size {height}x{width}: larger than the example export traces and checks (at most "
+                        f"{MAX_EXAMPLE_PIXELS / 1e6:.1f} Mpx, sides up to {MAX_LATENT_SIDE * factor}); export at a "
+                        f"small --size with --dynamic-size, which takes any size")
     generator = torch.Generator().manual_seed(0)
     if part == "encoder":
         return torch.rand(batch, model.config.in_channels, height, width, generator=generator) * 2 - 1

@@ -49,7 +49,7 @@ def _json_default(value: Any) -> Any:
 def finite_or_none(value: Any) -> float | None:
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an integer beyond float's range (JSON allows it)
         return None
     return number if math.isfinite(number) else None
 
@@ -222,6 +222,8 @@ def read_log(path: Path) -> list[dict[str, Any]]:
             if number == len(lines):  # a run killed mid-write leaves half a last line
                 break
             raise DCAEError(f"{path}: line {number} is not JSON ({error.msg})") from None
+        except RecursionError:
+            raise DCAEError(f"{path}: line {number} is JSON nested too deeply") from None
         if not isinstance(record, dict):
             raise DCAEError(f"{path}: line {number} is not a JSON object")
         records.append(record)
@@ -255,9 +257,11 @@ def svg_plot(title: str, lines: dict[str, list[tuple[float, float]]], width: int
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + abs(y0) * 0.1 + 1e-12)
+    if not math.isfinite(x1) or not math.isfinite(y1):  # a flat line at +-1e308: its padding overflowed
+        x1, y1 = (x1 if math.isfinite(x1) else x0), (y1 if math.isfinite(y1) else y0)
     left, right, top, bottom = 64, 12, 24, 36
-    sx = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)  # noqa: E731
-    sy = lambda y: height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)  # noqa: E731
+    sx = lambda x: left + _fraction(x, x0, x1) * (width - left - right)  # noqa: E731
+    sy = lambda y: height - bottom - _fraction(y, y0, y1) * (height - top - bottom)  # noqa: E731
     parts = [f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" role="img"><title>{esc(title)}</title>',
              f'<text x="{left}" y="16" class="plot-title">{esc(title)}</text>',
@@ -265,7 +269,7 @@ def svg_plot(title: str, lines: dict[str, list[tuple[float, float]]], width: int
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{height - bottom}" class="axis"/>']
     for i in range(5):
         yv, xv = y0 + (y1 - y0) * i / 4, x0 + (x1 - x0) * i / 4
-        label = f"{10 ** yv:.3g}" if log_y else f"{yv:.4g}"
+        label = _power_of_ten(yv) if log_y else f"{yv:.4g}"
         parts.append(f'<text x="{left - 4}" y="{sy(yv) + 4:.1f}" class="tick" text-anchor="end">{esc(label)}</text>')
         parts.append(f'<text x="{sx(xv):.1f}" y="{height - bottom + 14}" class="tick" text-anchor="middle">'
                      f"{xv:.0f}</text>")
@@ -281,6 +285,19 @@ def svg_plot(title: str, lines: dict[str, list[tuple[float, float]]], width: int
                      f'class="legend">{esc(key)}</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _fraction(value: float, low: float, high: float) -> float:
+    """Where `value` lies from `low` (0) to `high` (1); halved first, so that a span of +-1e308 does not overflow."""
+    return (value / 2 - low / 2) / (high / 2 - low / 2) if high > low else 0.5
+
+
+def _power_of_ten(exponent: float) -> str:
+    """10 ** exponent as a tick label; past float's range, written as 1e+N."""
+    try:
+        return f"{10 ** exponent:.3g}"
+    except OverflowError:
+        return f"1e+{exponent:.0f}"
 
 
 def sample_images(run: Path) -> list[tuple[int, Path]]:
@@ -331,7 +348,7 @@ def training_report(run: str | os.PathLike, output: str | os.PathLike | None = N
         copied.append({"step": step, "src": f"samples/{target.name}"})
     last = {k: v[-1][1] for k, v in {**train, **val}.items()}
     settings = {"run": run.resolve(), "log lines": len(records),
-                "last step": max((int(r["step"]) for r in records if finite_or_none(r.get("step")) is not None),
+                "last step": max((int(step) for r in records if (step := finite_or_none(r.get("step"))) is not None),
                                  default="n/a")}
     settings.update({f"last {k}": f"{v:.5g}" for k, v in sorted(last.items())})
     config = run / "config.json"

@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import threading
@@ -30,7 +31,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dcae.config import config_to_dict
-from dcae.errors import DCAEError, first_line, write_failure
+from dcae.errors import DCAEError, first_line, printable, write_failure
 from dcae.runtime import hardware_record, resolve_device, resolve_dtype
 from dcae.tensorboard import TensorBoardLogger
 
@@ -63,8 +64,32 @@ def init_distributed(device: str | None = "auto") -> Dist:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        backend = "nccl" if use_cuda else "gloo"
+        store = restart_store(rank, world_size)
+        if store is None:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
     return Dist(rank, world_size, local_rank, torch.device("cuda", local_rank) if use_cuda else torch.device("cpu"))
+
+
+def restart_store(rank: int, world_size: int) -> dist.Store | None:
+    """Under torchrun, the rendezvous store with this restart's own key prefix (None outside torchrun: env:// as is).
+
+    torchrun keeps one store across `--max-restarts` restarts and torch's env:// set-up does not prefix the process
+    group's keys by attempt, so a restarted rank can read the address a rank of the failed attempt published and
+    fail with "Gloo connectFullMesh failed ... Connection refused" (half the restarts after a SIGKILLed rank here);
+    the next restart then usually works. A prefix per attempt (TORCHELASTIC_RESTART_COUNT) makes the first one work."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)  # the agent serves it; else rank 0
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=not agent_store and rank == 0, timeout=default_pg_timeout,
+                          multi_tenant=not agent_store)
+    return dist.PrefixStore(f"dcae/attempt_{attempt}", store)
 
 
 def wrap_ddp(module: nn.Module, d: Dist, sync_batchnorm: bool = False) -> nn.Module:
@@ -190,14 +215,22 @@ def save_run_config(run_dir: Path, config: Any) -> None:
         (run_dir / "config.json").write_text(config_text(config))
 
 
-def read_json_file(path: Path) -> Any:
-    """A run's JSON file (config.json, train_config.json); unreadable or invalid JSON is a one-line DCAEError."""
+def read_json_file(path: Path) -> dict[str, Any]:
+    """A run's JSON file (config.json, train_config.json): an object; unreadable, invalid JSON or another kind of
+    value is a one-line DCAEError."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise DCAEError(f"{path}: not valid JSON ({error.msg})") from None
+    except UnicodeDecodeError:
+        raise DCAEError(f"{path}: not a UTF-8 text file") from None
     except OSError as error:
         raise DCAEError(f"{path}: cannot read ({error.strerror or error})") from None
+    except RecursionError:
+        raise DCAEError(f"{path}: JSON nested too deeply") from None
+    if not isinstance(data, dict):
+        raise DCAEError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def report_stop(log: JsonlLog, command: str, step: int, reason: str, run_dir: Path) -> None:
@@ -211,16 +244,39 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "state.pt")  # what every checkpoint of both trainers holds
+_STEP_NAME = re.compile(r"step_(\d{8,20})")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """N of a `step_N` directory name (8 to 20 digits), else None."""
+    match = _STEP_NAME.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete(path: Path) -> bool:
+    """A step_N directory holding every file of CHECKPOINT_FILES (the rename that publishes one is atomic, so only a
+    damaged or foreign directory lacks one)."""
+    try:
+        return checkpoint_step(path) is not None and all((path / name).is_file() for name in CHECKPOINT_FILES)
+    except OSError:
+        return False
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     """The newest complete checkpoint: the `latest` pointer, else the highest complete step_N directory."""
     root = checkpoint_dir(Path(run_dir))
-    pointer = root / "latest"
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / "state.pt").is_file():
-            return candidate
-    complete = sorted(p for p in root.glob("step_*") if (p / "state.pt").is_file()) if root.is_dir() else []
-    return complete[-1] if complete else None
+    try:
+        pointer = root / "latest"
+        if pointer.is_file():
+            with open(pointer, "rb") as handle:
+                name = handle.read(64).decode("utf-8", errors="replace").strip()
+            if _STEP_NAME.fullmatch(name) and is_complete(root / name):
+                return root / name
+        complete = [p for p in root.glob("step_*") if is_complete(p)] if root.is_dir() else []
+    except OSError:
+        return None
+    return max(complete, key=checkpoint_step) if complete else None
 
 
 def _fsync_tree(path: Path) -> None:
@@ -248,14 +304,14 @@ def replace_with_link(source: Path, target: Path) -> None:
 def write_checkpoint_dir(run_dir: Path, step: int, write_files: Callable[[Path], None],
                          keep_last: int | None = None) -> Path:
     """Make checkpoints/step_N atomically: `write_files` fills a temp dir, which is fsynced and renamed into place,
-    then the `latest` pointer moves to it. A complete step_N (it has state.pt) is kept as it is. With `keep_last`,
+    then the `latest` pointer moves to it. A complete step_N (`is_complete`) is kept as it is. With `keep_last`,
     older checkpoints beyond the newest `keep_last` are removed."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
     final, tmp = root / name, root / f".tmp_{name}"
     try:
-        if not (final / "state.pt").is_file():
+        if not is_complete(final):
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             write_files(tmp)
@@ -279,7 +335,8 @@ def write_checkpoint_dir(run_dir: Path, step: int, write_files: Callable[[Path],
 
 def prune_checkpoints(root: Path, keep_last: int, keep: Path) -> None:
     """Remove all but the newest `keep_last` complete checkpoints (never `keep`), and stale temp dirs."""
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir() and checkpoint_step(p) is not None),
+                   key=checkpoint_step)
     for old in steps[:-keep_last] if keep_last > 0 else []:
         if old != keep:
             shutil.rmtree(old, ignore_errors=True)
@@ -299,12 +356,116 @@ def run_dir_errors(run_dir: Path) -> Iterator[None]:
 
 
 def load_state(path: Path) -> dict[str, Any]:
-    """state.pt holds only tensors and plain containers: loaded with weights_only=True."""
+    """state.pt holds only tensors and plain containers: loaded with weights_only=True, then `check_state`."""
     try:
-        return torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - a hostile or torn pickle raises many types
         raise DCAEError(f"{path / 'state.pt'}: refused or unreadable training state ({first_line(error)[:200]})") \
             from None
+    check_state(state, path / "state.pt")
+    return state
+
+
+# The sizes of an RNG state: the CPU generator's (Mersenne Twister) and a CUDA generator's (seed and offset).
+_RNG_STATE_SIZES = (5056, 16)
+_ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}  # per parameter (and max_exp_avg_sq with amsgrad)
+_OPTIMIZER_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay")
+
+
+def check_state(state: Any, source: Path) -> None:
+    """The structure both trainers write, checked by type before any of it is used: a damaged, hand-edited or foreign
+    state.pt is one error line naming what is wrong, not a traceback from deep inside resume. Whether the optimizer
+    state fits the model (group sizes, tensor shapes) only the trainer can tell."""
+    def fail(what: str) -> None:
+        raise DCAEError(f"{source}: not a dcae training state ({printable(what)[:200]})")
+
+    if not isinstance(state, dict):
+        fail(f"a {type(state).__name__}, not a dict")
+    _check_int(state.get("step"), "step", 0, 2 ** 62, fail)
+    for key in ("world_size", "batch_size"):
+        if key in state:
+            _check_int(state[key], key, 1, 2 ** 31, fail)
+    _check_optimizer(state.get("optimizer"), "optimizer", fail)
+    rng = state.get("rng")
+    if isinstance(rng, torch.Tensor):  # diffusion: one generator state per rank, stacked
+        if rng.dtype != torch.uint8 or rng.ndim != 2 or len(rng) < 1 or rng.shape[1] not in _RNG_STATE_SIZES:
+            fail(f"rng is a {rng.dtype} tensor of shape {tuple(rng.shape)}, not a stack of generator states")
+        return
+    if not isinstance(rng, dict) or not _is_rng_state(rng.get("torch")) or not isinstance(rng.get("cuda", []), list) \
+            or not all(_is_rng_state(r) for r in rng.get("cuda", [])):
+        fail("rng is not a saved random number generator state")
+    counters = state.get("counters")  # the autoencoder trainer's
+    if not isinstance(counters, dict) or not all(isinstance(k, str) for k in counters):
+        fail("counters is not a dict")
+    for key, value in counters.items():
+        _check_int(value, f"counters.{key}", 0, 2 ** 62, fail)
+    data = state.get("data")
+    if not isinstance(data, list) or not data or not all(isinstance(d, dict) for d in data):
+        fail("data is not a list of data positions")
+    for position in data:
+        if position.get("kind") == "folder":
+            _check_int(position.get("position"), "data.position", 0, 2 ** 62, fail)
+        elif position.get("kind") == "shards":
+            streams = position.get("streams")
+            if not isinstance(streams, list) or not streams or not all(
+                    isinstance(s, list) and len(s) == 3 for s in streams):
+                fail("data.streams is not a list of [shard, epoch, position] triples")
+            for value in [*(v for s in streams for v in s), position.get("next")]:
+                _check_int(value, "data.streams", 0, 2 ** 62, fail)
+        else:
+            fail(f"data.kind={position.get('kind')!r}")
+    discriminator = state.get("discriminator")
+    if discriminator is not None:
+        if not isinstance(discriminator, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in discriminator.items()):
+            fail("discriminator is not a state dict of tensors")
+        _check_optimizer(state.get("disc_optimizer"), "disc_optimizer", fail)
+
+
+def _check_int(value: Any, name: str, low: int, high: int, fail: Callable[[str], None]) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value < high:
+        fail(f"{name}={value!r}, expected an integer from {low}")
+
+
+def _is_rng_state(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.ndim == 1 and \
+        value.numel() in _RNG_STATE_SIZES
+
+
+def _check_optimizer(value: Any, name: str, fail: Callable[[str], None]) -> None:
+    """An AdamW state_dict: param groups of integer ids and plain hyperparameters, per-parameter tensors."""
+    if not isinstance(value, dict) or set(value) != {"state", "param_groups"}:
+        fail(f"{name} is not an optimizer state")
+    groups, per_param = value["param_groups"], value["state"]
+    if not isinstance(groups, list) or not groups or not all(isinstance(g, dict) for g in groups):
+        fail(f"{name}.param_groups is not a list of groups")
+    ids: set[int] = set()
+    for group in groups:
+        params = group.get("params")
+        if not isinstance(params, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in params):
+            fail(f"{name}: a group's params are not parameter ids")
+        ids.update(params)
+        for key, setting in group.items():
+            if key == "params":
+                continue
+            number = isinstance(setting, (int, float)) and not isinstance(setting, bool)
+            if key in _OPTIMIZER_FLAGS and not isinstance(setting, bool) or \
+                    key in ("foreach", "fused") and setting is not None and not isinstance(setting, bool) or \
+                    key in ("lr", "eps", "weight_decay", "initial_lr") and not (number and math.isfinite(setting)) or \
+                    key == "betas" and not (isinstance(setting, (tuple, list)) and len(setting) == 2 and all(
+                        isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+                        for b in setting)) or \
+                    not isinstance(setting, (bool, int, float, str, tuple, list, type(None))):
+                fail(f"{name}: param group setting {key}={setting!r}")
+    if not isinstance(per_param, dict):
+        fail(f"{name}.state is not a dict")
+    for key, entry in per_param.items():
+        if key not in ids or not isinstance(entry, dict) or not _ADAMW_STATE <= set(entry) <= \
+                _ADAMW_STATE | {"max_exp_avg_sq"} or not all(
+                isinstance(v, torch.Tensor) and (v.is_floating_point() or k == "step") for k, v in entry.items()):
+            fail(f"{name}.state[{key!r}] is not a parameter's AdamW state")
+        if entry["step"].numel() != 1 or entry["step"].is_complex():
+            fail(f"{name}.state[{key!r}].step is not one number")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -115,8 +115,10 @@ def resolve_device(name: str | None = "auto") -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise DCAEError(f"--device {name}: expected auto, cpu, cuda or cuda:N") from None
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # meta, mps, xla...: nothing here runs on them
+        raise DCAEError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise DCAEError(f"--device {name}: no CUDA device is available")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dcae.autoencoder import DCAE, DCAEConfig, DecoderConfig, EncoderConfig
-from dcae.errors import DCAEError
+from dcae.errors import DCAEError, first_line
 from dcae.files import atomic_write, atomic_write_text
 
 FORMATS = ("dcae", "diffusers", "efficientvit")
@@ -368,6 +369,8 @@ def read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DCAEError(f"{path}: not a readable JSON config ({error})") from None
+    except RecursionError:  # [[[[... : within the size limit, deeper than the decoder goes
+        raise DCAEError(f"{path}: not a readable JSON config (nested too deeply)") from None
     if not isinstance(data, dict):
         raise DCAEError(f"{path}: JSON config must be an object")
     return data
@@ -377,7 +380,9 @@ def config_from_json_text(text: str, source: str) -> DCAEConfig:
     try:
         return DCAEConfig.from_dict(json.loads(text))
     except (json.JSONDecodeError, ValueError, TypeError) as error:
-        raise DCAEError(f"{source}: invalid dcae config ({error})") from None
+        raise DCAEError(f"{source}: invalid dcae config ({first_line(error)})") from None
+    except RecursionError:
+        raise DCAEError(f"{source}: invalid dcae config (JSON nested too deeply)") from None
 
 
 MAX_PARAMETERS = 4_000_000_000  # 16 GB of fp32 weights; the largest published DC-AE (f128c512) has 1.1B
@@ -387,19 +392,30 @@ def check_model_size(config: DCAEConfig, source: str) -> None:
     """Validate a config and count its parameters on the meta device: a DCAEError before any weight is allocated."""
     try:
         config.validate()
-        with torch.device("meta"):
-            count = sum(p.numel() for p in DCAE(config).parameters())
+        count = sum(v.numel() for k, v in _meta_state(config).items() if k not in _meta_buffers(config))
     except (ValueError, TypeError) as error:
-        raise DCAEError(f"{source}: invalid dcae config ({error})") from None
+        raise DCAEError(f"{source}: invalid dcae config ({first_line(error)})") from None
     if count > MAX_PARAMETERS:
         raise DCAEError(f"{source}: config describes a model of {count / 1e9:.1f}B parameters, over the limit of "
                         f"{MAX_PARAMETERS / 1e9:.0f}B")
 
 
 def _meta_state(config: DCAEConfig) -> dict[str, torch.Tensor]:
-    """The state dict's keys and shapes, without allocating the weights."""
+    """The state dict's keys and shapes, without allocating the weights (one meta-device build per config: a load
+    asks for it three times). Read-only: callers must not change the dict."""
+    return _meta_model(json.dumps(config.to_dict(), sort_keys=True))[0]
+
+
+def _meta_buffers(config: DCAEConfig) -> frozenset[str]:
+    return _meta_model(json.dumps(config.to_dict(), sort_keys=True))[1]
+
+
+@lru_cache(maxsize=8)
+def _meta_model(config_json: str) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
+    """(state dict on the meta device, the names of its buffers) of a config given as its sorted JSON."""
     with torch.device("meta"):
-        return DCAE(config).state_dict()
+        model = DCAE(DCAEConfig.from_dict(json.loads(config_json)))
+    return model.state_dict(), frozenset(name for name, _ in model.named_buffers())
 
 
 def layout_shapes(config: DCAEConfig, layout: str) -> dict[str, tuple[int, ...]]:

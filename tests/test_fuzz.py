@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import os
@@ -20,10 +21,11 @@ import signal
 import struct
 import tarfile
 import tempfile
+import warnings
 import zlib
 from functools import cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pytest
@@ -332,8 +334,15 @@ OFFSETS = st.lists(st.one_of(st.integers(-4, 4096), st.sampled_from([1 << 31, 1 
 @st.composite
 def header_ops(draw, header: dict) -> list[tuple]:
     """Edits of a safetensors JSON header: metadata values, a tensor's dtype/shape/offsets, keys, the length prefix."""
-    tensors = sorted(k for k in header if k != "__metadata__")
-    meta_keys = sorted(header.get("__metadata__", {})) + ["height", "width", "dcae_config", "dcae_format", "other"]
+    tensors = tuple(sorted(k for k in header if k != "__metadata__"))
+    meta_keys = tuple(sorted(header.get("__metadata__", {})) + ["height", "width", "dcae_config", "dcae_format",
+                                                                  "other"])
+    return draw(_header_op_lists(tensors, meta_keys))
+
+
+@cache
+def _header_op_lists(tensors: tuple[str, ...], meta_keys: tuple[str, ...]) -> st.SearchStrategy:
+    """The strategy of header_ops for one seed's names, built once (building strategies is most of a draw's cost)."""
     op = st.one_of(
         st.tuples(st.just("meta"), st.sampled_from(meta_keys), st.text(max_size=24)
                   | st.sampled_from(["0", "-1", "1e999", "nan", "99999999999999999999", "[1,2]", "{}", "efficientvit",
@@ -347,7 +356,7 @@ def header_ops(draw, header: dict) -> list[tuple]:
         st.tuples(st.just("entry"), st.sampled_from(tensors), JSON_VALUES),
         st.tuples(st.just("length"), st.one_of(st.integers(0, 1 << 20), st.sampled_from([1 << 32, 1 << 63]))),
     )
-    return draw(st.lists(op, min_size=1, max_size=3))
+    return st.lists(op, min_size=1, max_size=3)
 
 
 def apply_header_ops(data: bytes, ops: list[tuple]) -> bytes:
@@ -390,13 +399,18 @@ def safetensors_inputs(draw, seed: bytes) -> bytes:
     if draw(st.booleans()):
         data = apply_header_ops(data, draw(header_ops(header)))
     (length,) = struct.unpack("<Q", seed[:8])
-    header_ops_raw = st.one_of(  # raw byte edits aimed at the prefix and the header, where the structure is
+    return mutate(data, draw(_raw_header_op_lists(length, len(seed))))
+
+
+@cache
+def _raw_header_op_lists(length: int, size: int) -> st.SearchStrategy:
+    """Raw byte edits aimed at the length prefix and the header, where the structure is."""
+    return st.lists(st.one_of(
         st.tuples(st.just("flip"), st.integers(0, length + 8), st.integers(0, 7)),
-        st.tuples(st.just("truncate"), st.integers(0, len(seed))),
+        st.tuples(st.just("truncate"), st.integers(0, size)),
         st.tuples(st.just("overwrite"), st.integers(0, length + 8), st.binary(min_size=1, max_size=8)),
         st.tuples(st.just("delete"), st.integers(0, length + 8), st.integers(1, 32)),
-    )
-    return mutate(data, draw(st.lists(header_ops_raw, max_size=3)))
+    ), max_size=3)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -408,6 +422,12 @@ class LatentModel(torch.nn.Module):
 
     def config_dict(self) -> dict:
         return {"name": "fuzz-stub", "f": 4, "c": 4}
+
+
+class StructuredLatentModel(LatentModel):
+    """A DC-AE 1.5 stand-in: any first k <= c channels decode (read_latent reads `config.structured_latent`)."""
+
+    config = DCAEConfig(name="fuzz-stub-1.5", structured_latent=True)
 
 
 @cache
@@ -427,15 +447,16 @@ def latent_seeds() -> dict[str, bytes]:
 
 
 @st.composite
-def latent_inputs(draw) -> bytes:
+def latent_inputs(draw) -> tuple[bytes, bool]:
+    """(file, structured): a latent file mutated, read for a plain or a structured-latent model."""
     seed = latent_seeds()[draw(st.sampled_from(sorted(latent_seeds())))]
-    return draw(safetensors_inputs(seed))
+    return draw(safetensors_inputs(seed)), draw(st.booleans())
 
 
-def check_latent(data: bytes) -> None:
+def check_latent(data: bytes, structured: bool = False) -> None:
     from dcae.latent_file import read_latent
 
-    model = LatentModel()
+    model = StructuredLatentModel() if structured else LatentModel()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "latent.safetensors"
         path.write_bytes(data)
@@ -443,7 +464,8 @@ def check_latent(data: bytes) -> None:
     if result is None:
         return
     latent, size, alpha, metadata = result
-    assert latent.dtype == torch.float32 and latent.ndim == 4 and latent.shape[:2] == (1, 4)
+    assert latent.dtype == torch.float32 and latent.ndim == 4 and latent.shape[0] == 1
+    assert latent.shape[1] == 4 or (structured and 1 <= latent.shape[1] < 4)
     assert torch.isfinite(latent).all()
     full = (latent.shape[2] * 4, latent.shape[3] * 4)
     assert size is None or (0 < size[0] <= full[0] and 0 < size[1] <= full[1])
@@ -453,8 +475,8 @@ def check_latent(data: bytes) -> None:
 
 @FUZZ
 @given(latent_inputs())
-def test_fuzz_latent_files(data):
-    check_latent(data)
+def test_fuzz_latent_files(case):
+    check_latent(*case)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -501,14 +523,15 @@ def cache_inputs(draw) -> tuple[Any, dict[str, bytes]]:
     if what in ("shard", "both"):
         name = draw(st.sampled_from(sorted(shards)))
         shards[name] = draw(safetensors_inputs(shards[name]))
-    return index, shards
+    return index, shards, draw(RAW_JSON) if draw(st.integers(0, 14)) == 0 else None
 
 
-def check_cache(index: Any, shards: dict[str, bytes]) -> None:
+def check_cache(index: Any, shards: dict[str, bytes], raw: str | None = None) -> None:
     from dcae.diffusion.latents import load_latent_cache
 
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "index.json").write_text(json.dumps(index))
+        (Path(tmp) / "index.json").write_text(json.dumps(index) if raw is None else raw, encoding="utf-8",
+                                              errors="surrogatepass")
         for name, data in shards.items():
             (Path(tmp) / name).write_bytes(data)
         cache = expect_clean(lambda: load_latent_cache(tmp), max_growth=256 << 20)
@@ -553,6 +576,9 @@ def micro_config() -> DCAEConfig:
 _WORKDIR = tempfile.TemporaryDirectory(prefix="dcae-fuzz-")  # module lifetime: seeds written once
 
 
+LAYOUTS = ("dcae", "diffusers", "efficientvit")
+
+
 @cache
 def micro_checkpoint(layout: str = "dcae") -> Path:
     """save_pretrained of the micro model (seeded), in one of the three layouts."""
@@ -562,15 +588,93 @@ def micro_checkpoint(layout: str = "dcae") -> Path:
     return directory
 
 
+# The newer published families, each as a micro twin: the published config with three of its six stages (the stem, a
+# convolution stage, the last stage: attention where the family has it), widths 8-16, at most one block per stage,
+# 8 latent channels; every other field (blocks, norms, activations, resampling, shortcuts, structured latent, scaling
+# factor) as published.
+FAMILIES = {"sana-1.1": "dc-ae-f32c32-sana-1.1", "lite": "dc-ae-lite-f32c32-sana-1.1",
+            "1.1": "dc-ae-f32c128-1.1", "1.5": "dc-ae-f32c128-1.5"}
+_TWIN_STAGES = (0, 2, 5)
+
+
+def family_config(family: str) -> DCAEConfig:
+    """The micro twin of a published family (`micro` is the original micro config)."""
+    from dcae.presets import get_config
+
+    if family == "micro":
+        return micro_config()
+    published = get_config(FAMILIES[family])
+
+    def pick(value: Any) -> Any:
+        return tuple(value[i] for i in _TWIN_STAGES) if isinstance(value, (tuple, list)) else value
+
+    def shrink(side: Any) -> Any:
+        fields = {f.name: pick(getattr(side, f.name)) for f in dataclasses.fields(side)}
+        depths = tuple(min(d, 1) for d in fields["depth_list"])  # an empty stage stays empty (a strided stem)
+        return dataclasses.replace(side, **{**fields, "width_list": (8, 16, 16), "depth_list": depths})
+
+    return dataclasses.replace(published, name=f"micro-{family}", latent_channels=8, attention_head_dim=8,
+                               encoder=shrink(published.encoder), decoder=shrink(published.decoder))
+
+
+@cache
+def family_checkpoint(family: str, layout: str) -> Path:
+    """save_pretrained of a family's micro twin (seeded) in one layout; `micro` is micro_checkpoint."""
+    if family == "micro":
+        return micro_checkpoint(layout)
+    torch.manual_seed(0)
+    directory = Path(_WORKDIR.name) / f"{family}-{layout}"
+    with warnings_ignored():  # the diffusers layout warns that a twin has no measured scaling factor
+        dcae.DCAE(family_config(family)).save_pretrained(directory, format=layout)
+    return directory
+
+
+@contextlib.contextmanager
+def warnings_ignored() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def family_checkpoints() -> list[Path]:
+    """Every family's twin in every layout, and the preset shapes a config-less file is matched against (cached, so
+    that the children of scripts/fuzz.py inherit them)."""
+    from dcae.presets import infer_config
+
+    paths = [family_checkpoint(f, layout) for f in ("micro", *FAMILIES) for layout in LAYOUTS]
+    with contextlib.suppress(DCAEError):
+        infer_config({}, "efficientvit", None, "warm-up")
+    return paths
+
+
 def _weights_file(directory: Path) -> Path:
     return next(p for p in sorted(directory.glob("*.safetensors")))
 
 
+def without_config(data: bytes) -> bytes:
+    """A safetensors file with its metadata (and so the dcae config in it) removed."""
+    header, body = split_safetensors(data)
+    header.pop("__metadata__", None)
+    return join_safetensors(header, body)
+
+
 @st.composite
 def checkpoint_inputs(draw) -> tuple[str, bytes]:
-    layout = draw(st.sampled_from(["dcae", "diffusers", "efficientvit"]))
+    layout = draw(st.sampled_from(LAYOUTS))
     seed = _weights_file(micro_checkpoint(layout)).read_bytes()
     return layout, draw(safetensors_inputs(seed))
+
+
+@st.composite
+def family_checkpoint_inputs(draw) -> tuple[str, bytes, str, str]:
+    """(layout, weights file, family, config): a newer family's twin, mutated, with its config in the metadata and
+    config.json, in the metadata only, or nowhere (loaded by matching keys and shapes against the presets)."""
+    family, layout = draw(st.sampled_from(sorted(FAMILIES))), draw(st.sampled_from(LAYOUTS))
+    config = draw(st.sampled_from(["metadata+config.json", "metadata", "none"]))
+    seed = _weights_file(family_checkpoint(family, layout)).read_bytes()
+    if config == "none":
+        seed = without_config(seed)
+    return layout, draw(safetensors_inputs(seed)), family, config
 
 
 def check_loaded(model: Any) -> None:
@@ -579,13 +683,14 @@ def check_loaded(model: Any) -> None:
     assert model.encode(x).shape[1] == model.latent_channels
 
 
-def check_checkpoint(layout: str, data: bytes) -> None:
-    """A checkpoint directory (the micro model's, its weights file mutated) loads or gives a DCAEError."""
+def check_checkpoint(layout: str, data: bytes, family: str = "micro", config: str = "metadata+config.json") -> None:
+    """A checkpoint directory (a micro model's, its weights file mutated) loads or gives a DCAEError."""
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "ckpt"
-        source = micro_checkpoint(layout)
+        source = family_checkpoint(family, layout)
         directory.mkdir()
-        (directory / "config.json").write_bytes((source / "config.json").read_bytes())
+        if config == "metadata+config.json":
+            (directory / "config.json").write_bytes((source / "config.json").read_bytes())
         (directory / _weights_file(source).name).write_bytes(data)
         model = expect_clean(lambda: dcae.DCAE.from_pretrained(directory), max_growth=512 << 20)
     if model is not None:
@@ -596,6 +701,22 @@ def check_checkpoint(layout: str, data: bytes) -> None:
 @given(checkpoint_inputs())
 def test_fuzz_checkpoint_files(case):
     check_checkpoint(*case)
+
+
+@FUZZ
+@given(family_checkpoint_inputs())
+def test_fuzz_checkpoints_of_the_newer_families(case):
+    check_checkpoint(*case)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_family_twins_load_in_every_layout(family, layout):
+    """The seeds of the family fuzzer are real checkpoints: each twin saves and loads back in every layout."""
+    source = family_checkpoint(family, layout)
+    model = dcae.DCAE.from_pretrained(source)
+    assert model.config.structured_latent == family_config(family).structured_latent
+    check_loaded(model)
 
 
 def _paths(value: Any, prefix: tuple = ()) -> list[tuple]:
@@ -645,39 +766,49 @@ def config_mutations(draw, base: dict) -> dict:
     return config
 
 
+# JSON texts no mutation of a value writes: nesting past the decoder's recursion limit, a byte-order mark, a lone
+# surrogate, NaN, an empty file, a value that is not an object.
+RAW_JSON = st.sampled_from(["[" * 100_000, '{"a":' * 100_000, "", "NaN", "1e999", '"\\ud800"', "\ufeff{}", "{}", "[]",
+                            "null", '{"encoder": {}, "decoder": {}}', "\x00", "[" * 50 + "]" * 50])
+
+
 def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value))  # NaN/Infinity survive as JSON extensions, like a hand-edited file
 
 
 @st.composite
-def config_inputs(draw) -> tuple[str, Any]:
-    """(where, config): a dcae config in the safetensors metadata or in config.json, or a diffusers config.json."""
+def config_inputs(draw) -> tuple[str, Any, str]:
+    """(where, config, family): a dcae config in the safetensors metadata or in config.json, or a diffusers
+    config.json, of the micro model or of a newer family's twin."""
     where = draw(st.sampled_from(["metadata", "config.json", "diffusers"]))
+    family = draw(st.sampled_from(["micro", *sorted(FAMILIES)]))
     if where == "diffusers":
         from dcae.weights import diffusers_config
 
-        base = diffusers_config(micro_config())
+        with warnings_ignored():
+            base = diffusers_config(family_config(family))
     else:
-        base = micro_config().to_dict()
-    return where, _json_safe(draw(config_mutations(_json_safe(base))))
+        base = family_config(family).to_dict()
+    raw = draw(RAW_JSON) if draw(st.integers(0, 14)) == 0 else None
+    return where, _json_safe(draw(config_mutations(_json_safe(base)))), family, raw
 
 
-def check_config(where: str, config: Any) -> None:
-    """Write the micro model's weights with a mutated config; loading gives a model or a DCAEError, quickly."""
+def check_config(where: str, config: Any, family: str = "micro", raw: str | None = None) -> None:
+    """Write a micro model's weights with a mutated config; loading gives a model or a DCAEError, quickly."""
     from safetensors.torch import load_file, save_file
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "ckpt"
         directory.mkdir()
         layout = "diffusers" if where == "diffusers" else "dcae"
-        source = _weights_file(micro_checkpoint(layout))
+        source = _weights_file(family_checkpoint(family, layout))
         tensors = load_file(str(source))
-        text = json.dumps(config)
+        text = json.dumps(config) if raw is None else raw
         if where == "metadata":
             save_file(tensors, str(directory / source.name), metadata={"format": "pt", "dcae_config": text})
         else:
             save_file(tensors, str(directory / source.name), metadata={"format": "pt"})
-            (directory / "config.json").write_text(text)
+            (directory / "config.json").write_text(text, encoding="utf-8", errors="surrogatepass")
         model = expect_clean(lambda: dcae.DCAE.from_pretrained(directory), max_growth=512 << 20)
     if model is not None:
         check_loaded(model)
@@ -819,35 +950,41 @@ def cli_inputs(draw) -> list[str]:
 
 
 def check_cli(argv: list[str]) -> None:
-    """main(argv): exit 0, or non-zero with argparse's usage error or `dcae <cmd>: error:` lines, never a traceback."""
-    from dcae.cli import main
-
+    """main(argv) with its placeholders filled in (INPUT, OUT, MODEL, DATA): see `check_main`."""
     root = cli_inputs_dir()
     with tempfile.TemporaryDirectory() as tmp:
         inputs = {"encode": root / "images", "reconstruct": root / "images", "decode": root / "latents"}
         substitutions = {"INPUT": str(inputs.get(argv[0], "")), "OUT": str(Path(tmp) / "out"),
                          "MODEL": str(micro_checkpoint("dcae")), "DATA": str(root / "images")}
-        argv = [substitutions.get(a, a) for a in argv]
-        err, out = io.StringIO(), io.StringIO()
-        code: Any = None
-        try:
-            with guarded(max_growth=1 << 30), contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-                code = main(argv)
-        except SystemExit as exit_:
-            code = exit_.code
-        stderr = err.getvalue()
+        check_main([substitutions.get(a, a) for a in argv])
+
+
+def check_main(argv: list[str], max_growth: int = 1 << 30) -> int:
+    """main(argv) under `guarded`: exit 0, or non-zero with argparse's usage error or one `dcae <cmd>: error:` line
+    (warnings and the runtime's info line aside); returns the exit status."""
+    from dcae.cli import main
+
+    err, out = io.StringIO(), io.StringIO()
+    code: Any = None
+    try:
+        with guarded(max_growth=max_growth), contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+            code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    stderr = err.getvalue()
     assert isinstance(code, int), f"exit status {code!r}"
     assert "Traceback" not in stderr, stderr
     if code == 0:
-        return
+        return code
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert lines, f"exit {code} without a message"
     if lines[0].startswith("usage:"):  # argparse: usage lines, then `dcae <cmd>: error: ...`
         assert lines[-1].startswith(f"dcae {argv[0]}: error: "), stderr
-        return
+        return code
     notes = (f"dcae {argv[0]}: warning: ", "dcae: warning: ", f"dcae {argv[0]}: running on ")  # not errors
     errors = [line for line in lines if not line.startswith(notes)]
     assert len(errors) == 1 and errors[0].startswith(f"dcae {argv[0]}: error: "), stderr
+    return code
 
 
 @FUZZ

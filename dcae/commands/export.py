@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_size(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"(\d+)(?:x(\d+))?", text.strip())
+    match = re.fullmatch(r"(\d{1,9})(?:x(\d{1,9}))?", text.strip())
     if not match:
         raise DCAEError(f"--size {text!r}: expected H or HxW in pixels, e.g. 512 or 512x768")
     height = int(match.group(1))

@@ -2,6 +2,7 @@
 
     dcae train --preset dc-ae-tiny-f32c32 --data DIR --phase 1 --steps N --batch-size B --resolution R --run-dir RUN
     dcae train --resume RUN --steps M
+    torchrun --nproc_per_node=2 --max-restarts=3 -m dcae.cli train ... --run-dir RUN --auto-resume
     dcae train --recipe three-phase --preset NAME --data DIR --steps N --run-dir RUN [phase2.optim.lr=1e-5 ...]
     torchrun --nproc_per_node=4 -m dcae.cli train ...   (DDP: nccl on GPUs, gloo on CPUs)
 
@@ -13,6 +14,7 @@ import argparse
 from typing import Any
 
 from dcae.errors import DCAEError
+from dcae.runs import latest_checkpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", choices=("three-phase",), help="run phases 1, 2, 3 in sequence")
     parser.add_argument("--init", help="initial weights: a run dir, a save_pretrained dir, a .safetensors, a Hub id")
     parser.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint")
+    parser.add_argument("--auto-resume", action="store_true",
+                        help="continue --run-dir from its latest checkpoint if it has one, else start it: one command "
+                             "line for the first start and every restart (torchrun --max-restarts, a job scheduler)")
     parser.add_argument("--run-dir", help="where checkpoints, logs and samples go (default runs/dcae)")
     parser.add_argument("--steps", type=int, help="train until this step (per phase, for the recipe)")
     parser.add_argument("--phase-steps", help="recipe: steps of phases 1,2,3, e.g. 4000,1000,1000")
@@ -56,8 +61,11 @@ def run(args: argparse.Namespace) -> int:
 
     from dcae import train as training
 
+    if args.auto_resume and (args.resume or args.recipe):
+        raise DCAEError("--auto-resume starts or continues --run-dir; drop --resume/--recipe")
     if args.recipe:
         return _run_recipe(args)
+    resume = bool(args.resume)
     if args.resume:
         if args.phase or args.preset or args.init:
             raise DCAEError("--resume continues a run with its saved config; drop --phase/--preset/--init")
@@ -69,11 +77,14 @@ def run(args: argparse.Namespace) -> int:
             raise DCAEError("--data is required: an image folder or .tar shards")
         base = dataclasses.replace(training.TrainConfig(), phase=training.phase_config(args.phase))
         config = training.apply_overrides(base, args.overrides, flag_settings(args, False))
+        if args.auto_resume and latest_checkpoint(config.run_dir) is not None:  # a restart: what --resume does
+            config = training.load_run_config(config.run_dir, args.overrides, flag_settings(args, False))
+            resume = True
     if args.print_config:
         print(json.dumps(training.config_to_dict(config), indent=2))
         return 0
     try:
-        run_dir = training.train(config, resume=bool(args.resume))
+        run_dir = training.train(config, resume=resume)
     finally:
         _destroy_process_group()
     print(f"dcae train: done, step {config.steps}; weights in {run_dir}/model.safetensors")

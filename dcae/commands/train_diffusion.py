@@ -2,7 +2,9 @@
 
 Flags set the common fields; any config field can be set as a dotted `key=value` override (optim.lr=3e-4,
 model.depth=4, ema_decay=0.999, precision=bf16). `--resume RUN` continues RUN's newest checkpoint with its saved
-config (flags and overrides given with it still apply, e.g. a larger --steps). Multi-process: torchrun.
+config (flags and overrides given with it still apply, e.g. a larger --steps). `--auto-resume` continues --run-dir
+when it has a checkpoint and starts it otherwise: the one command line for `torchrun --max-restarts=N`.
+Multi-process: torchrun.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from dcae.diffusion.train import (
     train_diffusion,
 )
 from dcae.errors import DCAEError
+from dcae.runs import latest_checkpoint
 
 # flag -> config key; flags default to None so that only the ones given override a resumed run's config
 FLAGS = {"latents": "latents", "preset": "preset", "steps": "steps", "batch_size": "batch_size", "lr": "optim.lr",
@@ -39,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--objective", choices=tuple(OBJECTIVES), help="flow (default) or eps")
     parser.add_argument("--run-dir", metavar="RUN", help="where checkpoints and logs go")
     parser.add_argument("--resume", metavar="RUN", help="continue this run from its newest checkpoint")
+    parser.add_argument("--auto-resume", action="store_true",
+                        help="continue --run-dir from its newest checkpoint if it has one, else start it "
+                             "(torchrun --max-restarts)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--tensorboard", action="store_true", default=None,
                         help="also log the log.jsonl scalars to RUN/tensorboard")
@@ -63,11 +69,16 @@ def build_config(args: argparse.Namespace) -> tuple[TrainDiffusionConfig, bool]:
         settings["augment_channels"] = tuple(settings["augment_channels"])
     model_overrides = [o for o in args.overrides if o.startswith("model.")]
     other_overrides = [o for o in args.overrides if not o.startswith("model.")]
-    if args.resume:
-        config = load_run_config(args.resume)
-        config = apply_overrides(dataclasses.replace(config, run_dir=args.resume), other_overrides, settings)
-        return apply_overrides(config, model_overrides), True
     config = apply_overrides(TrainDiffusionConfig(), other_overrides, settings)
+    resume = args.resume
+    if args.auto_resume:
+        if resume:
+            raise DCAEError("--auto-resume starts or continues --run-dir; drop --resume")
+        resume = config.run_dir if latest_checkpoint(config.run_dir) is not None else None
+    if resume:
+        config = load_run_config(resume)
+        config = apply_overrides(dataclasses.replace(config, run_dir=resume), other_overrides, settings)
+        return apply_overrides(config, model_overrides), True
     if not config.latents:
         raise DCAEError("no latent cache given (--latents DIR, written by dcae cache-latents)")
     config = dataclasses.replace(config, model=resolve_model_config(config, read_index(config.latents)))
