@@ -37,6 +37,7 @@ from dcae.runtime import (
     decode,
     encode,
     hardware_record,
+    other_layout,
     prepare_model,
     resolve_device,
     resolve_dtype,
@@ -497,7 +498,7 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
                   for r in rows}
     for row in rows:
         other = by_variant.get((row["impl"], row["op"], row["resolution"], row["dtype"], row.get("compiled"),
-                                {"nchw": "channels_last", "channels_last": "nchw"}.get(row.get("layout"))))
+                                other_layout(row.get("layout"))))
         if row["impl"] == "dcae" and other is not None and row.get("round_seconds") and other.get("round_seconds"):
             row["ratio_vs_other_layout"] = paired_ratio(other["round_seconds"], row["round_seconds"])
         fp32 = base.get((row["op"], row["resolution"], "fp32"))

@@ -185,6 +185,11 @@ def memory_format(op: str, dtype: str, pixels: int, device: torch.device | str =
     return "channels_last"
 
 
+def other_layout(layout: str) -> str:
+    """nchw <-> channels_last."""
+    return "nchw" if layout == "channels_last" else "channels_last"
+
+
 @dataclass
 class InferenceOptions:
     dtype: str = "fp32"  # fp32 | bf16 | fp16 (autocast; attention stays fp32); resolve "auto" with resolve_dtype
