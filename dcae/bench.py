@@ -349,6 +349,31 @@ def run(args: argparse.Namespace) -> int:
     case_seconds: dict[str, float] = {}
     case_cpu_seconds: dict[str, float] = {}  # this process's CPU time: what the case costs a machine of its own
     case_load: dict[str, list[float]] = {}
+
+    def write_result(complete: bool) -> dict[str, Any]:
+        """The results JSON, written after every pass (complete=False) and at the end."""
+        result = {
+            "command": command_line(args),
+            "environment": environment(),
+            "git_commit": commit,
+            "machine": machine_record(device),
+            "preset": name, "device": _device_name(device), "cpu_isa": cpu_isa(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "dtypes": dtypes, "batch_size": args.batch_size, "repeats": args.repeats,
+            "warmup": args.warmup, "channels_last": args.channels_last, "layouts": args.layouts,
+            "compile": args.compile,
+            "layout_rule": "dcae.runtime.memory_format" if args.channels_last is None else None,
+            "memory_method": "allocator peak (CUDA caching allocator; CPU: profiler memory events of torch's "
+                             "allocator)",
+            "gemm_peak_gflops": peaks, "seconds_per_resolution": case_seconds,
+            "cpu_seconds_per_resolution": case_cpu_seconds,
+            "load_average": {"start": load_start, "end_of_resolution": case_load},
+            "total_seconds": time.perf_counter() - started, "complete": complete, "rows": rows,
+        }
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
+        return result
+
     for resolution in args.resolution:
         case_start, case_cpu_start = time.perf_counter(), time.process_time()
         x = torch.rand(args.batch_size, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -416,27 +441,11 @@ def run(args: argparse.Namespace) -> int:
             _add_ratios(rows)
             for row in new_rows:
                 print(_line(row), flush=True)
+            write_result(complete=False)  # a run stopped half-way keeps the passes it timed
         case_seconds[str(resolution)] = time.perf_counter() - case_start
         case_cpu_seconds[str(resolution)] = time.process_time() - case_cpu_start
         case_load[str(resolution)] = _load_average()
-    result = {
-        "command": command_line(args),
-        "environment": environment(),
-        "git_commit": commit,
-        "machine": machine_record(device),
-        "preset": name, "device": _device_name(device), "cpu_isa": cpu_isa(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "dtypes": dtypes, "batch_size": args.batch_size, "repeats": args.repeats,
-        "warmup": args.warmup, "channels_last": args.channels_last, "layouts": args.layouts, "compile": args.compile,
-        "layout_rule": "dcae.runtime.memory_format" if args.channels_last is None else None,
-        "memory_method": "allocator peak (CUDA caching allocator; CPU: profiler memory events of torch's allocator)",
-        "gemm_peak_gflops": peaks, "seconds_per_resolution": case_seconds,
-        "cpu_seconds_per_resolution": case_cpu_seconds,
-        "load_average": {"start": load_start, "end_of_resolution": case_load},
-        "total_seconds": time.perf_counter() - started, "rows": rows,
-    }
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
+    result = write_result(complete=True)
     if args.md:
         begin, end = layouts_markers(result["cpu_isa"]) if args.layouts else (MD_BEGIN, MD_END)
         write_markdown(Path(args.md), markdown(result), begin, end)
