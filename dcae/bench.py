@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from dcae.errors import DCAEError
 from dcae.provenance import reproducing_command
 from dcae.runtime import (
     DTYPE_CHOICES,
@@ -44,6 +45,7 @@ from dcae.runtime import (
 )
 
 MD_BEGIN, MD_END = "<!-- BEGIN dcae bench ae -->", "<!-- END dcae bench ae -->"
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 ISA_ENVIRONMENT = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS")
 
 
@@ -66,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                        help="wall (default) or process: this process's CPU seconds (all threads), which on a CPU "
+                             "shared with other jobs measure the work rather than the share of the machine it got")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="force dcae's memory layout for every pass (default: per pass, by "
@@ -148,15 +153,17 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int, warmup:
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int,
-                     rounds: dict[str, list[float]] | None = None) -> tuple[dict[str, float], dict[str, float]]:
+                     rounds: dict[str, list[float]] | None = None, clock: str = "wall"
+                     ) -> tuple[dict[str, float], dict[str, float]]:
     """(median seconds, first-call seconds) of each fn. Timed in rounds that run every fn once (in a rotating order):
     a load that comes and goes on a shared machine then slows every implementation alike instead of whichever ran
     during it. The first call (warm-up) is reported apart: it holds one-off costs such as torch.compile's. `rounds`,
-    if given, receives every round's seconds per fn (for ratios paired within a round)."""
+    if given, receives every round's seconds per fn (for ratios paired within a round). `clock`: see CLOCKS."""
+    now = CLOCKS[clock]
     first: dict[str, float] = {}
     for key, fn in fns.items():
         for i in range(warmup):
-            start = time.perf_counter()
+            start = time.perf_counter()  # wall, whatever the clock: how long the first call keeps you waiting
             fn()
             sync(device)
             if i == 0:
@@ -165,10 +172,10 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, re
     keys = list(fns)
     for round_ in range(repeats):
         for key in keys[round_ % len(keys):] + keys[:round_ % len(keys)]:
-            start = time.perf_counter()
+            start = now()
             fns[key]()
             sync(device)
-            times[key].append(time.perf_counter() - start)
+            times[key].append(now() - start)
     if rounds is not None:
         rounds.update(times)
     return {key: statistics.median(values) for key, values in times.items()}, first
@@ -327,6 +334,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if args.clock == "process" and device.type == "cuda":
+        raise DCAEError("--clock process measures CPU time; use the wall clock on CUDA")
     dtypes = bench_dtypes(args.dtype, device)
     model, reference = build_models(args)
     name = model.config.name
@@ -359,7 +368,7 @@ def run(args: argparse.Namespace) -> int:
             "machine": machine_record(device),
             "preset": name, "device": _device_name(device), "cpu_isa": cpu_isa(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "dtypes": dtypes, "batch_size": args.batch_size, "repeats": args.repeats,
-            "warmup": args.warmup, "channels_last": args.channels_last, "layouts": args.layouts,
+            "warmup": args.warmup, "clock": args.clock, "channels_last": args.channels_last, "layouts": args.layouts,
             "compile": args.compile,
             "layout_rule": "dcae.runtime.memory_format" if args.channels_last is None else None,
             "memory_method": "allocator peak (CUDA caching allocator; CPU: profiler memory events of torch's "
@@ -405,7 +414,7 @@ def run(args: argparse.Namespace) -> int:
             rounds: dict[str, list[float]] = {}
             with torch.inference_mode():
                 seconds, first = time_interleaved({_label(k): fn for k, fn in fns.items()}, device, args.repeats,
-                                                  args.warmup, rounds)
+                                                  args.warmup, rounds, args.clock)
             # One more call each, after the timings: peak memory and the output (FLOPs counted on dcae's first row;
             # the count does not depend on the dtype).
             flops = None
@@ -576,7 +585,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"Generated by `{env}{result['command']}` at commit {result.get('git_commit') or '?'}.",
         f"Preset `{result['preset']}`, {result['device']}, ISA **{isa}** (bf16 {bf16}), {result['threads']} threads, "
         f"torch {result['torch']}, batch {result['batch_size']}, median of {result['repeats']} after "
-        f"{result.get('warmup', 1)} warm-up, {layout}, compile={result['compile']}. "
+        f"{result.get('warmup', 1)} warm-up, {layout}, compile={result['compile']}, "
+        + ("process clock (this process's CPU seconds, both threads: images/s is per CPU second; read the ratios). "
+           if result.get("clock") == "process" else "wall clock. ")
         + (f"Load average (1 min) {load['start'][0]:.1f} at the start, "
            + ", ".join(f"{v[0]:.1f} after {r} px" for r, v in load.get("end_of_resolution", {}).items() if v)
            + ". " if load.get("start") else "")
