@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import math
 import os
@@ -25,22 +26,32 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from dcae.errors import DCAEError
 from dcae.provenance import reproducing_command
 from dcae.runtime import (
     DTYPE_CHOICES,
     DTYPES,
+    LAYOUTS,
     InferenceOptions,
     bf16_is_native,
     cpu_isa,
     decode,
     encode,
     hardware_record,
+    other_layout,
     prepare_model,
     resolve_device,
     resolve_dtype,
 )
 
 MD_BEGIN, MD_END = "<!-- BEGIN dcae bench ae -->", "<!-- END dcae bench ae -->"
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+ISA_ENVIRONMENT = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS")
+
+
+def layouts_markers(isa: str) -> tuple[str, str]:
+    """The markers of the `--layouts` table of one ISA in docs/speed.md (one table per ISA)."""
+    return f"<!-- BEGIN dcae bench ae --layouts {isa} -->", f"<!-- END dcae bench ae --layouts {isa} -->"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,10 +68,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                        help="wall (default) or process: this process's CPU seconds (all threads), which on a CPU "
+                             "shared with other jobs measure the work rather than the share of the machine it got")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--no-channels-last", action="store_true")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="force dcae's memory layout for every pass (default: per pass, by "
+                             "dcae.runtime.memory_format's rule)")
+    parser.add_argument("--layouts", action="store_true",
+                        help="time dcae in both layouts (NCHW and channels_last) for every pass, interleaved: the "
+                             "measurements behind the layout rule (--md writes a table per ISA)")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile dcae's encoder/decoder (the first call, reported apart, pays for it)")
+                        help="add torch.compile'd dcae rows beside the eager ones (the first call, reported apart, "
+                             "pays for the compile)")
     parser.add_argument("--onnx", action="store_true",
                         help="add onnxruntime (CPU, fp32) rows: dcae's own ONNX export of the same weights")
     parser.add_argument("--json", help="write the rows here")
@@ -76,6 +96,11 @@ def bench_dtypes(names: list[str], device: torch.device) -> list[str]:
             if dtype not in out:
                 out.append(dtype)
     return out
+
+
+def environment() -> dict[str, str]:
+    """The environment variables that change which kernels run (an imitated ISA, a thread count)."""
+    return {name: os.environ[name] for name in ISA_ENVIRONMENT if name in os.environ}
 
 
 def git_commit(path: Path = Path(__file__).resolve().parent) -> str | None:
@@ -127,15 +152,18 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int, warmup:
     return statistics.median(times)
 
 
-def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int
+def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int,
+                     rounds: dict[str, list[float]] | None = None, clock: str = "wall"
                      ) -> tuple[dict[str, float], dict[str, float]]:
     """(median seconds, first-call seconds) of each fn. Timed in rounds that run every fn once (in a rotating order):
     a load that comes and goes on a shared machine then slows every implementation alike instead of whichever ran
-    during it. The first call (warm-up) is reported apart: it holds one-off costs such as torch.compile's."""
+    during it. The first call (warm-up) is reported apart: it holds one-off costs such as torch.compile's. `rounds`,
+    if given, receives every round's seconds per fn (for ratios paired within a round). `clock`: see CLOCKS."""
+    now = CLOCKS[clock]
     first: dict[str, float] = {}
     for key, fn in fns.items():
         for i in range(warmup):
-            start = time.perf_counter()
+            start = time.perf_counter()  # wall, whatever the clock: how long the first call keeps you waiting
             fn()
             sync(device)
             if i == 0:
@@ -144,10 +172,12 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, re
     keys = list(fns)
     for round_ in range(repeats):
         for key in keys[round_ % len(keys):] + keys[:round_ % len(keys)]:
-            start = time.perf_counter()
+            start = now()
             fns[key]()
             sync(device)
-            times[key].append(time.perf_counter() - start)
+            times[key].append(now() - start)
+    if rounds is not None:
+        rounds.update(times)
     return {key: statistics.median(values) for key, values in times.items()}, first
 
 
@@ -300,23 +330,59 @@ def build_models(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     started, commit = time.perf_counter(), git_commit()  # the code that runs, before anyone edits the tree
+    load_start = _load_average()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if args.clock == "process" and device.type == "cuda":
+        raise DCAEError("--clock process measures CPU time; use the wall clock on CUDA")
     dtypes = bench_dtypes(args.dtype, device)
     model, reference = build_models(args)
     name = model.config.name
-    options = {dtype: InferenceOptions(dtype=dtype, device=str(device), channels_last=not args.no_channels_last,
-                                       compile=args.compile) for dtype in dtypes}
     onnx = onnx_runners(model, args.threads) if args.onnx else {}  # exported from the fp32 model, before prepare
-    fast = prepare_model(model, options[dtypes[0]])
+    model = model.eval().to(device)
+    prepared: dict[tuple[str, bool], torch.nn.Module] = {}  # (layout, compiled) -> a copy of the model set up so
+
+    def prepared_model(layout: str, compiled: bool) -> torch.nn.Module:
+        """One copy per layout (and compiled or not): a row never pays for converting weights between layouts."""
+        if (layout, compiled) not in prepared:
+            prepared[(layout, compiled)] = prepare_model(copy.deepcopy(model), InferenceOptions(
+                device=str(device), channels_last=layout == "channels_last", compile=compiled))
+        return prepared[(layout, compiled)]
+
     peaks = {dtype: gemm_peak_gflops(DTYPES[dtype], device) for dtype in dict.fromkeys(["fp32", *dtypes])}
     print(f"dcae bench ae: {name}, {_device_name(device)}, ISA {cpu_isa() if device.type == 'cpu' else device.type}, "
           f"bf16 {'native' if bf16_is_native(device) else 'emulated'}, {torch.get_num_threads()} threads, "
-          f"dtypes {' '.join(dtypes)}", flush=True)
+          f"dtypes {' '.join(dtypes)}, load average {load_start[0]:.1f}", flush=True)
     rows: list[dict[str, Any]] = []
     case_seconds: dict[str, float] = {}
     case_cpu_seconds: dict[str, float] = {}  # this process's CPU time: what the case costs a machine of its own
+    case_load: dict[str, list[float]] = {}
+
+    def write_result(complete: bool) -> dict[str, Any]:
+        """The results JSON, written after every pass (complete=False) and at the end."""
+        result = {
+            "command": command_line(args),
+            "environment": environment(),
+            "git_commit": commit,
+            "machine": machine_record(device),
+            "preset": name, "device": _device_name(device), "cpu_isa": cpu_isa(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "dtypes": dtypes, "batch_size": args.batch_size, "repeats": args.repeats,
+            "warmup": args.warmup, "clock": args.clock, "channels_last": args.channels_last, "layouts": args.layouts,
+            "compile": args.compile,
+            "layout_rule": "dcae.runtime.memory_format" if args.channels_last is None else None,
+            "memory_method": "allocator peak (CUDA caching allocator; CPU: profiler memory events of torch's "
+                             "allocator)",
+            "gemm_peak_gflops": peaks, "seconds_per_resolution": case_seconds,
+            "cpu_seconds_per_resolution": case_cpu_seconds,
+            "load_average": {"start": load_start, "end_of_resolution": case_load},
+            "total_seconds": time.perf_counter() - started, "complete": complete, "rows": rows,
+        }
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
+        return result
+
     for resolution in args.resolution:
         case_start, case_cpu_start = time.perf_counter(), time.process_time()
         x = torch.rand(args.batch_size, 3, resolution, resolution, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -326,25 +392,33 @@ def run(args: argparse.Namespace) -> int:
             if op == "decode" and z is None:
                 with torch.inference_mode():
                     z = (reference.encode(x.to(device)).latent if reference is not None
-                         else encode(fast, x, InferenceOptions(device=str(device)))).float().cpu()
+                         else encode(model, x, InferenceOptions(device=str(device), channels_last=False))).float().cpu()
             value = x if op == "encode" else z
-            fns: dict[tuple[str, str], Callable[[], torch.Tensor]] = {}
+            # (impl, dtype, layout, compiled) -> the call; diffusers runs NCHW, as its users run it
+            fns: dict[tuple[str, str, str, bool], Callable[[], torch.Tensor]] = {}
             if reference is not None:
                 for dtype in dict.fromkeys(["fp32", *dtypes]):
-                    fns[("diffusers", dtype)] = lambda op=op, dtype=dtype: _diffusers_call(reference, op, value,
-                                                                                           dtype, device)
-            for dtype, opts in options.items():
-                fns[("dcae", dtype)] = lambda op=op, opts=opts: (encode if op == "encode" else decode)(fast, value,
-                                                                                                       opts)
+                    fns[("diffusers", dtype, "nchw", False)] = (
+                        lambda op=op, dtype=dtype: _diffusers_call(reference, op, value, dtype, device))
+            chosen: dict[str, str] = {}  # dtype -> the layout dcae picks for this pass (forced or by the rule)
+            for dtype in dtypes:
+                chosen[dtype] = InferenceOptions(dtype, str(device), args.channels_last).layout(op, resolution**2)
+                for layout in (LAYOUTS if args.layouts else [chosen[dtype]]):
+                    for compiled in ([False, True] if args.compile else [False]):
+                        opts = InferenceOptions(dtype, str(device), layout == "channels_last", compiled)
+                        fns[("dcae", dtype, layout, compiled)] = (
+                            lambda op=op, opts=opts, m=prepared_model(layout, compiled):
+                            (encode if op == "encode" else decode)(m, value, opts))
             if op in onnx:
-                fns[("onnxruntime", "fp32")] = lambda op=op: onnx[op](value)
+                fns[("onnxruntime", "fp32", "nchw", False)] = lambda op=op: onnx[op](value)
+            rounds: dict[str, list[float]] = {}
             with torch.inference_mode():
-                seconds, first = time_interleaved({f"{i} {d}": fn for (i, d), fn in fns.items()}, device,
-                                                  args.repeats, args.warmup)
+                seconds, first = time_interleaved({_label(k): fn for k, fn in fns.items()}, device, args.repeats,
+                                                  args.warmup, rounds, args.clock)
             # One more call each, after the timings: peak memory and the output (FLOPs counted on dcae's first row;
             # the count does not depend on the dtype).
             flops = None
-            measured: dict[tuple[str, str], tuple[int, torch.Tensor]] = {}
+            measured: dict[tuple[str, str, str, bool], tuple[int, torch.Tensor]] = {}
             for key, fn in fns.items():
                 if key[0] == "dcae" and flops is None:
                     peak, (flops, out) = peak_allocated(lambda fn=fn: count_flops_and_run(fn), device)
@@ -356,44 +430,50 @@ def run(args: argparse.Namespace) -> int:
             if flops is None:
                 flops, _ = count_flops_and_run(next(iter(fns.values())))
             flops /= args.batch_size
-            ref_key = ("diffusers", "fp32") if reference is not None else ("dcae", "fp32")
+            ref_key = (("diffusers", "fp32", "nchw", False) if reference is not None
+                       else ("dcae", "fp32", chosen.get("fp32"), False))
             refs[op] = measured[ref_key][1] if ref_key in measured else None
             if op == "encode" and reference is not None:
-                z = measured[("diffusers", "fp32")][1]
-            for (impl, dtype), (peak, out) in measured.items():
-                label = f"{impl} {dtype}"
-                row = _row(impl, op, dtype, resolution, args.batch_size, seconds[label], peak, flops, peaks[dtype])
-                row["first_call_seconds"] = first.get(label)
-                row["compiled"] = args.compile and impl == "dcae"
-                if refs[op] is not None and (impl, dtype) != ref_key:
+                z = measured[ref_key][1]
+            new_rows = []
+            for key, (peak, out) in measured.items():
+                impl, dtype, layout, compiled = key
+                row = _row(impl, op, dtype, resolution, args.batch_size, seconds[_label(key)], peak, flops,
+                           peaks[dtype])
+                row.update(layout=layout, layout_chosen=impl != "dcae" or layout == chosen[dtype], compiled=compiled,
+                           first_call_seconds=first.get(_label(key)), round_seconds=rounds[_label(key)])
+                if refs[op] is not None and key != ref_key:
                     row["max_abs_diff"] = (out - refs[op]).abs().max().item()
                     row["psnr_vs_fp32"] = psnr_against(refs[op], out)
-                rows.append(row)
+                new_rows.append(row)
+            rows.extend(new_rows)
             _add_ratios(rows)
-            for row in rows[-len(measured):]:
+            for row in new_rows:
                 print(_line(row), flush=True)
+            write_result(complete=False)  # a run stopped half-way keeps the passes it timed
         case_seconds[str(resolution)] = time.perf_counter() - case_start
         case_cpu_seconds[str(resolution)] = time.process_time() - case_cpu_start
-    result = {
-        "command": command_line(args),
-        "git_commit": commit,
-        "machine": machine_record(device),
-        "preset": name, "device": _device_name(device), "cpu_isa": cpu_isa(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "dtypes": dtypes, "batch_size": args.batch_size, "repeats": args.repeats,
-        "warmup": args.warmup, "channels_last": not args.no_channels_last, "compile": args.compile,
-        "memory_method": "allocator peak (CUDA caching allocator; CPU: profiler memory events of torch's allocator)",
-        "gemm_peak_gflops": peaks, "seconds_per_resolution": case_seconds,
-        "cpu_seconds_per_resolution": case_cpu_seconds,
-        "total_seconds": time.perf_counter() - started, "rows": rows,
-    }
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2, default=_jsonable) + "\n")
+        case_load[str(resolution)] = _load_average()
+    result = write_result(complete=True)
     if args.md:
-        write_markdown(Path(args.md), markdown(result), MD_BEGIN, MD_END)
+        begin, end = layouts_markers(result["cpu_isa"]) if args.layouts else (MD_BEGIN, MD_END)
+        write_markdown(Path(args.md), markdown(result), begin, end)
     print(f"total {result['total_seconds']:.0f} s (" + ", ".join(f"{r} px {s:.0f} s" for r, s in case_seconds.items())
           + ")", flush=True)
     return 0
+
+
+def _label(key: tuple[str, str, str, bool]) -> str:
+    impl, dtype, layout, compiled = key
+    return f"{impl}{' compiled' if compiled else ''} {dtype} {layout}"
+
+
+def _load_average() -> list[float]:
+    """os.getloadavg() (1, 5, 15 minutes): how busy the shared machine was; [] where it is not available."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return []
 
 
 def _diffusers_call(reference, op: str, value: torch.Tensor, dtype: str, device: torch.device) -> torch.Tensor:
@@ -417,13 +497,28 @@ def _row(impl, op, dtype, resolution, batch, seconds, memory, flops, peak) -> di
             "fraction_of_gemm_peak": gflops_per_s / peak}
 
 
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """The median over rounds of numerator[i] / denominator[i], taken on the logarithms so that paired_ratio(a, b) is
+    exactly 1 / paired_ratio(b, a) for an even number of rounds too."""
+    return math.exp(statistics.median(math.log(a / b) for a, b in zip(numerator, denominator)))
+
+
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
-    """ratio_vs_diffusers_fp32 (the gain of switching), ratio_vs_diffusers_same_dtype (the implementation's), and
-    ratio_vs_dcae_fp32 (what a dtype or a runtime such as ONNX Runtime buys over dcae's own fp32)."""
+    """ratio_vs_diffusers_fp32 (the gain of switching), ratio_vs_diffusers_same_dtype (the implementation's),
+    ratio_vs_dcae_fp32 (what a dtype, a layout, compilation or ONNX Runtime buys over dcae's own fp32: eager, in the
+    layout dcae picks), and for dcae rows timed in both layouts (--layouts) ratio_vs_other_layout, the median over
+    rounds of the other layout's seconds over this one's in the same round (> 1: this layout is faster)."""
     base = {(r["op"], r["resolution"], r["dtype"]): r["images_per_s"] for r in rows if r["impl"] == "diffusers"}
     dcae_fp32 = {(r["op"], r["resolution"]): r["images_per_s"] for r in rows
-                 if (r["impl"], r["dtype"]) == ("dcae", "fp32")}
+                 if (r["impl"], r["dtype"]) == ("dcae", "fp32") and not r.get("compiled")
+                 and r.get("layout_chosen", True)}
+    by_variant = {(r["impl"], r["op"], r["resolution"], r["dtype"], r.get("compiled"), r.get("layout")): r
+                  for r in rows}
     for row in rows:
+        other = by_variant.get((row["impl"], row["op"], row["resolution"], row["dtype"], row.get("compiled"),
+                                other_layout(row.get("layout"))))
+        if row["impl"] == "dcae" and other is not None and row.get("round_seconds") and other.get("round_seconds"):
+            row["ratio_vs_other_layout"] = paired_ratio(other["round_seconds"], row["round_seconds"])
         fp32 = base.get((row["op"], row["resolution"], "fp32"))
         same = base.get((row["op"], row["resolution"], row["dtype"]))
         own = dcae_fp32.get((row["op"], row["resolution"]))
@@ -452,7 +547,8 @@ def _ratio(value: float | None) -> str:
 
 def _line(row: dict[str, Any]) -> str:
     diff = f"  maxdiff {row['max_abs_diff']:.2e}  psnr {row['psnr_vs_fp32']:.1f} dB" if "max_abs_diff" in row else ""
-    return (f"{row['impl']:9s} {row['op']:6s} {row['dtype']:4s} {row['resolution']:5d}px  "
+    impl = row["impl"] + (" (compiled)" if row.get("compiled") else "")
+    return (f"{impl:20s} {row['op']:6s} {row['dtype']:4s} {row['resolution']:5d}px {row.get('layout', '?'):13s} "
             f"{row['images_per_s']:7.3f} img/s  {_ratio(row['ratio_vs_diffusers_fp32']):>6s} vs fp32  "
             f"{_ratio(row['ratio_vs_diffusers_same_dtype']):>6s} vs same  {row['gflop_per_s']:7.1f} GFLOP/s "
             f"({100 * row['fraction_of_gemm_peak']:.0f}% of GEMM)  {_mb(row['peak_memory_mb']):>7s} MB{diff}")
@@ -476,29 +572,49 @@ def markdown(result: dict[str, Any]) -> str:
     machine = result.get("machine", {})
     isa = machine.get("cpu_isa", result.get("cpu_isa", "?"))
     bf16 = "native" if machine.get("bf16_native") else "emulated"
+    env = "".join(f"{k}={v} " for k, v in result.get("environment", {}).items())
+    load = result.get("load_average", {})
+    layout = {None: "dcae's layout per pass by the rule `dcae.runtime.memory_format` (column layout)",
+              True: "layout forced channels_last", False: "layout forced NCHW"}[result["channels_last"]]
+    if result.get("layouts"):
+        layout = "dcae timed in both layouts (vs other layout: the other layout's seconds over this one's, median " \
+                 "of the per-round ratios; > 1: this one is faster; chosen: what the rule picks)"
+    other = bool(result.get("layouts"))
     lines = [
         "<!-- generated by `dcae bench ae`; do not edit by hand -->",
-        f"Generated by `{result['command']}` at commit {result.get('git_commit') or '?'}.",
+        f"Generated by `{env}{result['command']}` at commit {result.get('git_commit') or '?'}.",
         f"Preset `{result['preset']}`, {result['device']}, ISA **{isa}** (bf16 {bf16}), {result['threads']} threads, "
         f"torch {result['torch']}, batch {result['batch_size']}, median of {result['repeats']} after "
-        f"{result.get('warmup', 1)} warm-up, channels_last={result['channels_last']}, compile={result['compile']}. "
-        "GEMM peak measured in the same run: "
+        f"{result.get('warmup', 1)} warm-up, {layout}, compile={result['compile']}, "
+        + ("process clock (this process's CPU seconds, both threads: images/s is per CPU second; read the ratios). "
+           if result.get("clock") == "process" else "wall clock. ")
+        + (f"Load average (1 min) {load['start'][0]:.1f} at the start, "
+           + ", ".join(f"{v[0]:.1f} after {r} px" for r, v in load.get("end_of_resolution", {}).items() if v)
+           + ". " if load.get("start") else "")
+        + "GEMM peak measured in the same run: "
         + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in result["gemm_peak_gflops"].items()) + ". "
         "Peak MB: tensor memory one call allocates at its peak, above what was live before it (allocator-exact; "
         "see below). Each resolution's case took (wall / this process's CPU seconds): " + ", ".join(
             f"{r} px {s:.0f} s / {result.get('cpu_seconds_per_resolution', {}).get(r, float('nan')):.0f} s"
             for r, s in result.get("seconds_per_resolution", {}).items()) + ".",
         "",
-        "| impl | op | dtype | res | images/s | vs diffusers fp32 | vs diffusers same dtype | vs dcae fp32 | GFLOP/image "
-        "| GFLOP/s | of GEMM peak | peak MB | max abs diff | PSNR vs fp32 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| impl | op | dtype | res | layout | images/s | vs diffusers fp32 | vs diffusers same dtype | vs dcae fp32 "
+        + ("| vs other layout " if other else "")
+        + "| GFLOP/image | GFLOP/s | of GEMM peak | peak MB | max abs diff | PSNR vs fp32 |",
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if other else "") + "---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else "-"
         psnr = f"{r['psnr_vs_fp32']:.1f} dB" if "psnr_vs_fp32" in r else "-"
         impl = r["impl"] + (" (compiled)" if r.get("compiled") else "")
-        lines.append(f"| {impl} | {r['op']} | {r['dtype']} | {r['resolution']} | {r['images_per_s']:.3f} "
+        row_layout = {"nchw": "NCHW", "channels_last": "channels_last"}.get(r.get("layout"), "?")
+        if other and r["impl"] == "dcae" and r.get("layout_chosen"):
+            row_layout += " (chosen)"
+        lines.append(f"| {impl} | {r['op']} | {r['dtype']} | {r['resolution']} | {row_layout} "
+                     f"| {r['images_per_s']:.3f} "
                      f"| {_ratio(r['ratio_vs_diffusers_fp32'])} | {_ratio(r.get('ratio_vs_diffusers_same_dtype'))} "
-                     f"| {_ratio(r.get('ratio_vs_dcae_fp32'))} | {r['gflop_per_image']:.0f} | {r['gflop_per_s']:.0f} "
+                     f"| {_ratio(r.get('ratio_vs_dcae_fp32'))} "
+                     + (f"| {_ratio(r.get('ratio_vs_other_layout'))} " if other else "")
+                     + f"| {r['gflop_per_image']:.0f} | {r['gflop_per_s']:.0f} "
                      f"| {100 * r['fraction_of_gemm_peak']:.0f}% | {_mb(r['peak_memory_mb'])} | {diff} | {psnr} |")
     return "\n".join(lines) + "\n"

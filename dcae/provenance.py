@@ -94,6 +94,8 @@ def reproducing_command(prog: str, add_arguments: Callable[[argparse.ArgumentPar
         flag = "--" + key.replace("_", "-")
         if value is True:
             parts.append(flag)
+        elif value is False:  # a --flag/--no-flag option (argparse.BooleanOptionalAction) turned off
+            parts.append("--no-" + key.replace("_", "-"))
         else:
             parts.append(" ".join([flag, *map(str, value if isinstance(value, list) else [value])]))
     return " ".join(parts)

@@ -164,25 +164,79 @@ class Runtime:
 
 
 # --- fast paths for benchmarks: precision, memory layout and compilation, chosen once -------------------------------
+PASSES = ("encode", "decode")
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+NCHW_FP32_ENCODE_MAX_PIXELS = 256 * 256  # see memory_format: the largest fp32 encode that runs NCHW on a CPU
+
+
+def memory_format(op: str, dtype: str, pixels: int, device: torch.device | str = "cpu") -> str:
+    """The memory layout ("nchw" | "channels_last") of one encode or decode pass of an image of `pixels` pixels.
+
+    The rule, measured on CPU (results/bench_ae_layouts_cpu.json, AVX512-BF16, and
+    results/bench_ae_layouts_cpu_avx2.json, AVX2 imitated; `dcae bench ae --layouts`; docs/speed.md, "Memory
+    layout"): channels_last everywhere except fp32 encodes of images up to 256x256 pixels, which run NCHW. oneDNN's
+    NHWC kernels win where there is enough work per call to amortise their per-call weight reorders (bf16, every
+    decode, encodes of 512 px), and lose a few percent on a small fp32 encode. CUDA keeps channels_last (cuDNN's
+    preferred layout; not measured here).
+    """
+    if op not in PASSES:
+        raise ValueError(f"unknown pass {op!r}; expected one of {', '.join(PASSES)}")
+    if torch.device(device).type == "cpu" and op == "encode" and dtype == "fp32" \
+            and pixels <= NCHW_FP32_ENCODE_MAX_PIXELS:
+        return "nchw"
+    return "channels_last"
+
+
+def other_layout(layout: str) -> str:
+    """nchw <-> channels_last."""
+    return "nchw" if layout == "channels_last" else "channels_last"
+
+
 @dataclass
 class InferenceOptions:
     dtype: str = "fp32"  # fp32 | bf16 | fp16 (autocast; attention stays fp32); resolve "auto" with resolve_dtype
     device: str = "cpu"
-    channels_last: bool = True  # oneDNN and cuDNN convolutions prefer NHWC
+    channels_last: bool | None = None  # None: per pass, by `memory_format`; True / False force one layout
     compile: bool = False  # torch.compile the encoder and decoder (first call pays the compile time)
+
+    def layout(self, op: str, pixels: int) -> str:
+        """The layout of one pass: the forced one, else `memory_format`'s rule."""
+        if self.channels_last is not None:
+            return "channels_last" if self.channels_last else "nchw"
+        return memory_format(op, self.dtype, pixels, self.device)
 
 
 def prepare_model(model: torch.nn.Module, options: InferenceOptions) -> torch.nn.Module:
-    """Eval mode, device, memory layout and (optionally) compilation. The weights stay fp32."""
+    """Eval mode, device, memory layout (when forced; else each pass sets its own) and (optionally) compilation.
+    The weights stay fp32."""
     if options.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {options.dtype!r}; choose from {', '.join(DTYPES)}")
     model = model.eval().to(resolve_device(options.device))
-    if options.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    if options.channels_last is not None:
+        for part in (model.encoder, model.decoder):
+            set_layout(part, "channels_last" if options.channels_last else "nchw")
     if options.compile:
         model.encoder = torch.compile(model.encoder, dynamic=False)
         model.decoder = torch.compile(model.decoder, dynamic=False)
     return model
+
+
+def set_layout(module: torch.nn.Module, layout: str) -> None:
+    """Put a module's 4-d weights in `layout`, if they are not already (a copy of the weights, once per change).
+
+    The weights and the input must agree: a convolution whose weight or input is channels_last runs channels_last, and
+    one whose weight is NCHW while the input is channels_last pays a weight copy on every call.
+    """
+    if getattr(module, "_dcae_layout", "nchw") == layout:
+        return
+    with torch.inference_mode(False), torch.no_grad():
+        module.to(memory_format=LAYOUTS[layout])
+    module._dcae_layout = layout
+
+
+def layout_of(module: torch.nn.Module) -> str:
+    """The layout `set_layout` last gave the module's weights ("nchw" for a module it never touched)."""
+    return getattr(module, "_dcae_layout", "nchw")
 
 
 @contextlib.contextmanager
@@ -192,21 +246,25 @@ def precision(options: InferenceOptions) -> Iterator[None]:
         yield
 
 
-def to_input(x: torch.Tensor, options: InferenceOptions) -> torch.Tensor:
+def to_input(x: torch.Tensor, options: InferenceOptions, layout: str = "nchw") -> torch.Tensor:
     x = x.to(resolve_device(options.device), torch.float32)
-    return x.contiguous(memory_format=torch.channels_last) if options.channels_last and x.ndim == 4 else x
+    return x.contiguous(memory_format=LAYOUTS[layout]) if x.ndim == 4 else x
 
 
 def encode(model, x: torch.Tensor, options: InferenceOptions) -> torch.Tensor:
-    """Encode with the chosen fast path; returns an fp32, contiguous latent."""
+    """Encode with the chosen fast path, in the pass's layout; returns an fp32, contiguous latent."""
+    layout = options.layout("encode", x.shape[-2] * x.shape[-1])
+    set_layout(model.encoder, layout)
     with precision(options):
-        return model.encode(to_input(x, options)).float().contiguous()
+        return model.encode(to_input(x, options, layout)).float().contiguous()
 
 
 def decode(model, z: torch.Tensor, options: InferenceOptions) -> torch.Tensor:
-    """Decode with the chosen fast path; returns an fp32, contiguous image tensor."""
+    """Decode with the chosen fast path, in the pass's layout; returns an fp32, contiguous image tensor."""
+    layout = options.layout("decode", z.shape[-2] * z.shape[-1] * model.spatial_factor**2)
+    set_layout(model.decoder, layout)
     with precision(options):
-        return model.decode(to_input(z, options)).float().contiguous()
+        return model.decode(to_input(z, options, layout)).float().contiguous()
 
 
 # --- messages and the model a command names -------------------------------------------------------------------------

@@ -7,8 +7,17 @@ import pytest
 import torch
 
 import dcae.runtime
-from dcae.bench import MD_BEGIN, MD_END, bench_dtypes, peak_allocated
+from dcae.bench import (
+    ISA_ENVIRONMENT,
+    MD_BEGIN,
+    MD_END,
+    bench_dtypes,
+    layouts_markers,
+    paired_ratio,
+    peak_allocated,
+)
 from dcae.cli import main
+from dcae.runtime import other_layout
 
 pytest.importorskip("diffusers")
 
@@ -88,3 +97,61 @@ def test_bench_ae_onnxruntime_rows(tmp_path):
         assert ort["peak_memory_mb"] is None and own["ratio_vs_dcae_fp32"] == 1.0
         assert ort["ratio_vs_dcae_fp32"] == pytest.approx(ort["images_per_s"] / own["images_per_s"])
         assert ort["max_abs_diff"] < 1e-4  # the same weights: ONNX Runtime agrees with dcae fp32
+
+
+def test_bench_ae_layouts_times_both_layouts_and_pairs_their_rounds(tmp_path, monkeypatch):
+    """--layouts: every dcae pass in NCHW and channels_last, the one the rule picks marked, the paired per-round ratio
+    of the two, the per-round seconds, and the machine's state (environment, load average) in the JSON; --md writes
+    the table between this ISA's own --layouts markers."""
+    monkeypatch.setenv("ONEDNN_VERBOSE", "0")  # not an ISA variable: not recorded
+    out, md = tmp_path / "layouts.json", tmp_path / "speed.md"
+    begin, end = layouts_markers(dcae.runtime.cpu_isa())
+    md.write_text(f"intro\n{begin}\nold\n{end}\n{MD_BEGIN}\nmain table\n{MD_END}\n")
+    assert main(["bench", "ae", "--preset", "dc-ae-tiny-f32c32", "--resolution", "64", "--repeats", "2",
+                 "--dtype", "fp32", "--compare", "none", "--layouts", "--json", str(out), "--md", str(md)]) == 0
+    result = json.loads(out.read_text())
+    assert result["layouts"] is True and result["channels_last"] is None
+    assert result["layout_rule"] == "dcae.runtime.memory_format"
+    assert set(result["environment"]) <= set(ISA_ENVIRONMENT) and "ONEDNN_VERBOSE" not in result["environment"]
+    assert len(result["load_average"]["start"]) == 3 and set(result["load_average"]["end_of_resolution"]) == {"64"}
+    rows = {(r["op"], r["layout"]): r for r in result["rows"]}
+    assert set(rows) == {(op, layout) for op in ("encode", "decode") for layout in ("nchw", "channels_last")}
+    for op in ("encode", "decode"):
+        nchw, last = rows[(op, "nchw")], rows[(op, "channels_last")]
+        chosen = dcae.runtime.memory_format(op, "fp32", 64 * 64)
+        assert rows[(op, chosen)]["layout_chosen"] and not rows[(op, other_layout(chosen))]["layout_chosen"]
+        assert rows[(op, chosen)]["ratio_vs_dcae_fp32"] == 1.0
+        assert len(nchw["round_seconds"]) == len(last["round_seconds"]) == 2
+        assert nchw["ratio_vs_other_layout"] == pytest.approx(1 / last["ratio_vs_other_layout"])
+        assert rows[(op, other_layout(chosen))]["max_abs_diff"] < 1e-4  # against the chosen one: the layouts agree
+    text = md.read_text()
+    assert "old" not in text and "main table" in text and "| vs other layout |" in text and "(chosen)" in text
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios_and_inverts_exactly():
+    assert paired_ratio([2.0, 4.0, 30.0], [1.0, 1.0, 1.0]) == pytest.approx(4.0)  # the outlier round does not count
+    a, b = [1.0, 2.0, 3.0, 5.0], [2.0, 1.0, 2.5, 4.0]
+    assert paired_ratio(a, b) == pytest.approx(1 / paired_ratio(b, a))
+
+
+@pytest.mark.parametrize("flag, forced", [("--channels-last", True), ("--no-channels-last", False)])
+def test_bench_ae_forced_layout_applies_to_every_pass_and_reproduces(tmp_path, flag, forced):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "ae", "--preset", "dc-ae-tiny-f32c32", "--resolution", "64", "--repeats", "1",
+                 "--dtype", "fp32", "--compare", "none", flag, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["channels_last"] is forced and result["layout_rule"] is None and flag in result["command"].split()
+    assert {r["layout"] for r in result["rows"]} == {"channels_last" if forced else "nchw"}
+
+
+def test_bench_ae_compile_adds_compiled_rows_beside_eager_ones(tmp_path, monkeypatch):
+    """--compile times a compiled copy next to the eager model in the same rounds (torch.compile stubbed out here: a
+    real compile takes a minute even for the tiny preset); dcae fp32's ratios stay relative to the eager row."""
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "ae", "--preset", "dc-ae-tiny-f32c32", "--resolution", "64", "--repeats", "1",
+                 "--dtype", "fp32", "--ops", "encode", "--compare", "none", "--compile", "--json", str(out)]) == 0
+    rows = {r["compiled"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {False, True} and rows[False]["ratio_vs_dcae_fp32"] == 1.0
+    assert rows[True]["ratio_vs_dcae_fp32"] == pytest.approx(rows[True]["images_per_s"] / rows[False]["images_per_s"])
+    assert rows[True]["first_call_seconds"] > 0 and rows[True]["max_abs_diff"] < 1e-4
