@@ -177,8 +177,25 @@ def lr_at(step: int, optim: OptimConfig) -> float:
     return low + (optim.lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def check_optim(optim: OptimConfig, prefix: str = "optim") -> None:
+    """Values AdamW refuses (a ValueError deep in a run) or trains garbage with (NaN): one line naming the key."""
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    betas = optim.betas if isinstance(optim.betas, (tuple, list)) else ()
+    for name, ok, expected in (
+            ("lr", number(optim.lr) and optim.lr >= 0, "a finite number >= 0"),
+            ("weight_decay", number(optim.weight_decay) and optim.weight_decay >= 0, "a finite number >= 0"),
+            ("eps", number(optim.eps) and optim.eps > 0, "a finite number > 0"),
+            ("grad_clip", number(optim.grad_clip) and optim.grad_clip >= 0, "a finite number >= 0 (0 = off)"),
+            ("betas", len(betas) == 2 and all(number(b) and 0 <= b < 1 for b in betas), "two numbers in [0, 1)")):
+        if not ok:
+            raise DCAEError(f"{prefix}.{name}={getattr(optim, name)}: expected {expected}")
+
+
 def build_optimizer(params: list[nn.Parameter], optim: OptimConfig, lr: float | None = None) -> torch.optim.AdamW:
-    """AdamW with weight decay on weights (ndim >= 2) only."""
+    """AdamW with weight decay on weights (ndim >= 2) only; `check_optim` first."""
+    check_optim(optim)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -368,6 +385,7 @@ def load_state(path: Path) -> dict[str, Any]:
 
 # The sizes of an RNG state: the CPU generator's (Mersenne Twister) and a CUDA generator's (seed and offset).
 _RNG_STATE_SIZES = (5056, 16)
+_AE_COUNTERS = ("skipped_images", "bad_steps", "bad_in_row")  # dcae.train.Trainer's
 _ADAMW_STATE = {"step", "exp_avg", "exp_avg_sq"}  # per parameter (and max_exp_avg_sq with amsgrad)
 _OPTIMIZER_FLAGS = ("amsgrad", "maximize", "capturable", "differentiable", "decoupled_weight_decay")
 
@@ -395,8 +413,8 @@ def check_state(state: Any, source: Path) -> None:
             or not all(_is_rng_state(r) for r in rng.get("cuda", [])):
         fail("rng is not a saved random number generator state")
     counters = state.get("counters")  # the autoencoder trainer's
-    if not isinstance(counters, dict) or not all(isinstance(k, str) for k in counters):
-        fail("counters is not a dict")
+    if not isinstance(counters, dict) or set(counters) != set(_AE_COUNTERS):
+        fail(f"counters is not a dict of {', '.join(_AE_COUNTERS)}")
     for key, value in counters.items():
         _check_int(value, f"counters.{key}", 0, 2 ** 62, fail)
     data = state.get("data")

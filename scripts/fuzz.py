@@ -66,7 +66,10 @@ KNOWN_BUG_AREA = {
     "TORCHRUN_RESTART": "training",
     "OPEN_DIFFUSION_WEIGHTS": "run directories",
     "OPEN_OPTIMIZER_STATE": "run directories",
-    "OPEN_DIFFUSION_MODEL_RANGES": "cli overrides",
+    "OPEN_DIFFUSION_CONFIG_RANGES": "cli overrides",
+    "OPEN_DIFFUSION_RUN_CONFIG": "run directories",
+    "OPTIM_VALUES": "cli overrides",
+    "OPEN_GAN_CONFIG_RANGES": "cli overrides",
     "OPEN_CACHE_INDEX_DTYPE": "latent caches",
 }
 
@@ -110,10 +113,12 @@ FIXED_BUGS = {
              "tests": ["tests/test_fuzz_runs.py::test_report_of_a_hostile_log_is_a_page_or_one_error"]},
     "JSON_NESTING": {"reason": "a config.json or dcae_config metadata nested deeper than the JSON decoder goes raised RecursionError from DCAE.from_pretrained; fixed in weights.read_json and weights.config_from_json_text (and runs.read_json_file)",
              "tests": ["tests/test_fuzz_runs.py::test_a_config_nested_too_deeply_is_one_error"]},
-    "RUN_STATE_UNCHECKED": {"reason": "resume trusted a run directory: state.pt of the wrong structure (TypeError/ValueError/KeyError, a negative step training 10^12 steps), config values of the wrong type, a config that is not an object, a 300-digit latest pointer (OSError), a checkpoint without ema.safetensors (FileNotFoundError); fixed in runs.check_state, config.config_from_dict (types), runs.read_json_file, runs.latest_checkpoint / is_complete",
+    "RUN_STATE_UNCHECKED": {"reason": "resume trusted a run directory: state.pt of the wrong structure (TypeError/ValueError/KeyError, a negative step training 10^12 steps), config values of the wrong type, a config that is not an object, a 300-digit latest pointer (OSError), a checkpoint without ema.safetensors (FileNotFoundError), counters without skipped_images (KeyError at the end of a run, found by the 10 000-input run); fixed in runs.check_state, config.config_from_dict (types), runs.read_json_file, runs.latest_checkpoint / is_complete",
              "tests": ["tests/test_fuzz_runs.py::test_resume_of_a_hand_edited_state_pt_is_one_error", "tests/test_fuzz_runs.py::test_resume_of_a_damaged_run_directory_is_one_error_or_works", "tests/test_fuzz_runs.py::test_a_checkpoint_missing_its_ema_is_passed_over"]},
     "TORCHRUN_RESTART": {"reason": "found by scripts/soak.py: after a rank of a `torchrun --max-restarts` job was SIGKILLed, the first restart failed in init_process_group ('Gloo connectFullMesh failed ... Connection refused': the agent's store keeps the failed attempt's keys) about one time in two, and a restarted `dcae train` refused its own run directory; fixed in runs.restart_store (a key prefix per attempt) and --auto-resume",
              "tests": ["tests/test_soak.py::test_auto_resume_starts_a_run_then_continues_it", "tests/test_soak.py::test_restart_store_prefixes_keys_by_attempt"]},
+    "OPTIM_VALUES": {"reason": "found by the 10 000-input run: `dcae train-diffusion optim.eps=-1495048` (or a negative lr, NaN, betas past 1) reached AdamW, whose ValueError was a traceback; fixed in runs.check_optim, called by runs.build_optimizer for both trainers",
+             "tests": ["tests/test_fuzz_runs.py::test_train_diffusion_refuses_optimizer_values_adamw_refuses"]},
     "DEVICE_NAMES": {"reason": "`device=meta` / `device=mps` / `xla:0` passed runtime.resolve_device and training died on RuntimeError; found while writing the override fuzzer's values; fixed in runtime.resolve_device (cpu and cuda only)",
              "tests": ["tests/test_fuzz_runs.py::test_training_on_a_device_nothing_runs_on_is_refused"]},
 }

@@ -667,6 +667,22 @@ def test_training_on_a_device_nothing_runs_on_is_refused(device):
         resolve_device(device)
 
 
+@pytest.mark.parametrize("override", ["optim.eps=-1495048", "optim.lr=nan", "optim.betas=(1.5,0.9)",
+                                      "optim.weight_decay=-1"])
+def test_train_diffusion_refuses_optimizer_values_adamw_refuses(override):
+    """OPTIM_VALUES: found by the 10 000-input run: `dcae train-diffusion optim.eps=-1495048` reached AdamW, whose
+    ValueError ("Invalid epsilon value") was a traceback; runs.build_optimizer checks them first (`check_optim`)."""
+    from dcae.runs import OptimConfig, build_optimizer, check_optim
+    from dcae.config import apply_overrides
+
+    check_overrides(("train-diffusion", [override]))
+    optim = apply_overrides(OptimConfig(), [override.removeprefix("optim.")])
+    with pytest.raises(DCAEError, match=f"optim.{override.split('=')[0][6:]}="):
+        check_optim(optim)
+    with pytest.raises(DCAEError):
+        build_optimizer([torch.nn.Parameter(torch.zeros(2))], optim)
+
+
 def _seed_run(tmp_path: Path, kind: str) -> Path:
     run = tmp_path / kind
     shutil.copytree(seed_runs()[kind], run)
@@ -682,6 +698,7 @@ STATE_EDITS = [  # (path in state.pt, new value): each crashed `dcae train --res
     (("step",), ("json", -(10 ** 12))),  # would train 10^12 steps
     (("optimizer", "state", 1, "step"), ("delete",)),  # AdamW: KeyError 'step'
     (("optimizer", "param_groups", 0, "fused"), ("tensor", "uint8", (5,))),
+    (("counters", "skipped_images"), ("delete",)),  # KeyError at the end of the run (found by the 10 000-input run)
 ]
 
 
@@ -742,9 +759,17 @@ OPEN_OPTIMIZER_STATE = pytest.mark.xfail(strict=True, reason=(
     "dcae/train.py Trainer.restore and dcae/diffusion/train.py call optimizer.load_state_dict on the saved state: a "
     "param group of another size raises ValueError (a traceback); dcae.runs.check_state checks types, only the "
     "trainer knows the group sizes"))
-OPEN_DIFFUSION_MODEL_RANGES = pytest.mark.xfail(strict=True, reason=(
-    "dcae/diffusion/train.py check_config checks no range of the model config: model.hidden_size=2^57 (RuntimeError "
-    "on allocation), model.num_heads=0 (ZeroDivisionError) end in tracebacks"))
+OPEN_DIFFUSION_CONFIG_RANGES = pytest.mark.xfail(strict=True, reason=(
+    "dcae/diffusion/train.py check_config checks no range of the model config nor the seed: model.hidden_size=2^57 "
+    "or -3042 (RuntimeError), model.hidden_size=1 (ValueError from the sin-cos embedding), model.num_heads=0 "
+    "(ZeroDivisionError), seed=-1 (numpy's ValueError in batch_indices) end in tracebacks; a saved config whose model "
+    "is large allocates it before the weights are compared with it"))
+OPEN_GAN_CONFIG_RANGES = pytest.mark.xfail(strict=True, reason=(
+    "dcae/train.py check_config checks no field of phase.gan: `dcae train --phase 3 ... phase.gan.disc_lr=-1` passes "
+    "it and Trainer's torch.optim.AdamW for the discriminator raises ValueError (a traceback)"))
+OPEN_DIFFUSION_RUN_CONFIG = pytest.mark.xfail(strict=True, reason=(
+    "dcae/diffusion/train.py config_from_json: a saved train_config.json whose `model` is not an object raises "
+    "AttributeError in presets.model_config_from_dict (d.get), which config_from_json does not catch"))
 OPEN_CACHE_INDEX_DTYPE = pytest.mark.xfail(strict=True, reason=(
     "dcae/diffusion/latents.py _index_problem: `index.get('dtype') not in STORAGE_DTYPES` with a list as dtype raises "
     "TypeError (unhashable) instead of reporting a bad index"))
@@ -778,10 +803,26 @@ def test_resume_with_an_optimizer_group_of_another_size_is_one_error(tmp_path, k
                 "progress=false"])
 
 
-@OPEN_DIFFUSION_MODEL_RANGES
-@pytest.mark.parametrize("override", ["model.hidden_size=247985439478575456", "model.num_heads=0"])
-def test_train_diffusion_refuses_a_model_config_out_of_range(override):
+@OPEN_DIFFUSION_CONFIG_RANGES
+@pytest.mark.parametrize("override", ["model.hidden_size=247985439478575456", "model.hidden_size=-3042",
+                                      "model.hidden_size=1", "model.num_heads=0", "seed=-1"])
+def test_train_diffusion_refuses_a_config_out_of_range(override):
     check_overrides(("train-diffusion", [override]))
+
+
+@OPEN_GAN_CONFIG_RANGES
+def test_train_refuses_a_negative_discriminator_learning_rate(tmp_path):
+    check_main(["train", "--phase", "3", "--init", str(nano_checkpoint()), "--data", str(train_images()), "--steps",
+                "1", "--batch-size", "1", "--resolution", "32", "--run-dir", str(tmp_path / "run"),
+                "data.num_workers=0", "progress=false", "phase.lpips_weight=0", "phase.gan.disc_lr=-1"])
+
+
+@OPEN_DIFFUSION_RUN_CONFIG
+def test_resume_of_a_diffusion_run_whose_saved_model_is_not_an_object_is_one_error(tmp_path):
+    run = _seed_run(tmp_path, "diffusion")
+    path = run / "checkpoints" / "step_00000002" / "train_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "model": "ResBlock"}))
+    check_main(["train-diffusion", "--resume", str(run), "--steps", "2", "progress=false"])
 
 
 @OPEN_CACHE_INDEX_DTYPE

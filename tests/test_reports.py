@@ -17,6 +17,7 @@ from dcae.errors import DCAEError
 from dcae.report_html import ComparisonReport, error_heatmap, read_log, script_json, svg_plot, training_report
 
 XSS = "<img src=x onerror=alert(1)>"
+CLOSE_TAGS = "</pre></script><script>alert(2)</script>"  # a string that would end the element it is shown in
 KODAK = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kodak24"
 
 
@@ -35,19 +36,21 @@ def synthetic_report(directory: Path, images: int = 30) -> Path:
 
 
 def training_run(directory: Path) -> Path:
-    """A run directory as dcae train writes it: log lines, validation events, a checkpoint event, sample grids."""
-    run = directory / "run"
+    """A run directory as dcae train writes it: log lines, validation events, a checkpoint event, sample grids; its
+    name, a log key, log values, a config string and a sample file name are hostile HTML."""
+    run = directory / XSS
     (run / "samples").mkdir(parents=True)
-    lines = [{"event": "start", "step": 0, "device": "cpu"}]
+    lines = [{"event": "start", "step": 0, "device": "cpu", "note": CLOSE_TAGS}]
     for step in range(10, 101, 10):
         lines.append({"step": step, "lr": 1e-4 * min(1, step / 50), "images_per_s": 20 + step / 10,
                       "loss": 1 / step, "l1": 0.5 / step, "lpips": 0.3 / step, XSS: 1.0})
         if step % 50 == 0:
             lines.append({"event": "val", "step": step, "val_psnr": 20 + step / 50, "val_lpips": 0.5 - step / 500})
-            Image.new("RGB", (64, 32), (step, 0, 0)).save(run / "samples" / f"step_{step:08d}.png")
+            name = f"step_{step:08d}.png" if step == 50 else f"step_{step:08d}<img src=x onerror=alert(this)>.png"
+            Image.new("RGB", (64, 32), (step, 0, 0)).save(run / "samples" / name)
     lines.append({"event": "checkpoint", "step": 100, "path": f"checkpoints/{XSS}"})
     (run / "log.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    (run / "config.json").write_text(json.dumps({"name": XSS}))
+    (run / "config.json").write_text(json.dumps({"name": XSS, "data": {"path": CLOSE_TAGS}}, indent=2))
     return run
 
 
@@ -97,6 +100,10 @@ def test_training_report_command(tmp_path, capsys):
     assert main(["report", str(run)]) == 0
     text = (run / "report" / "index.html").read_text()
     assert XSS not in text and text.count("<svg") == 5  # losses, val psnr, val lpips, lr, throughput
+    # The run's name (title, heading, settings), a log key (legend), log values (events), config strings (the config
+    # block) and a sample's file name reach the page as text only.
+    assert CLOSE_TAGS not in text and "alert(2)" in text and text.count("<script") == 2
+    assert text.count("&lt;img src=x onerror=alert(1)&gt;") >= 4 and "onerror=alert(this)" not in text
     assert sorted(p.name for p in (run / "report" / "samples").iterdir()) == ["step_00000050.png",
                                                                               "step_00000100.png"]
     assert main(["report", str(tmp_path / "nothing")]) == 2
@@ -248,9 +255,11 @@ def test_training_page_in_chromium(browser, tmp_path):
     page.locator("#sample-step").fill("0")
     page.wait_for_function("document.getElementById('sample-image').src.endsWith('step_00000050.png')")
     assert page.inner_text("#sample-label").startswith("step 50")
-    assert XSS in page.inner_text("body")  # the hostile log key and config show as text
-    assert page.locator('img[src="x"]').count() == 0
-    assert problems == []
+    body = page.inner_text("body")
+    assert XSS in body and CLOSE_TAGS in body  # the hostile names, log contents and config strings show as text
+    assert XSS in page.title() and XSS in page.inner_text("h1")
+    assert page.locator('img[src="x"]').count() == 0 and page.locator("script").count() == 2
+    assert problems == []  # no dialog: nothing ran
     page.close()
 
 
