@@ -153,13 +153,13 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int, warmup:
 
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int, warmup: int,
-                     rounds: dict[str, list[float]] | None = None, clock: str = "wall"
+                     rounds: dict[str, dict[str, list[float]]] | None = None, clock: str = "wall"
                      ) -> tuple[dict[str, float], dict[str, float]]:
     """(median seconds, first-call seconds) of each fn. Timed in rounds that run every fn once (in a rotating order):
     a load that comes and goes on a shared machine then slows every implementation alike instead of whichever ran
     during it. The first call (warm-up) is reported apart: it holds one-off costs such as torch.compile's. `rounds`,
-    if given, receives every round's seconds per fn (for ratios paired within a round). `clock`: see CLOCKS."""
-    now = CLOCKS[clock]
+    if given, receives every round's seconds per fn on both clocks ({clock: {key: seconds}}, for ratios paired within a
+    round). `clock` (see CLOCKS) is the one the medians use."""
     first: dict[str, float] = {}
     for key, fn in fns.items():
         for i in range(warmup):
@@ -168,17 +168,18 @@ def time_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, re
             sync(device)
             if i == 0:
                 first[key] = time.perf_counter() - start
-    times: dict[str, list[float]] = {key: [] for key in fns}
+    times: dict[str, dict[str, list[float]]] = {name: {key: [] for key in fns} for name in CLOCKS}
     keys = list(fns)
     for round_ in range(repeats):
         for key in keys[round_ % len(keys):] + keys[:round_ % len(keys)]:
-            start = now()
+            start = {name: now() for name, now in CLOCKS.items()}
             fns[key]()
             sync(device)
-            times[key].append(now() - start)
+            for name, now in CLOCKS.items():
+                times[name][key].append(now() - start[name])
     if rounds is not None:
         rounds.update(times)
-    return {key: statistics.median(values) for key, values in times.items()}, first
+    return {key: statistics.median(values) for key, values in times[clock].items()}, first
 
 
 def _rss_bytes() -> int:
@@ -411,7 +412,7 @@ def run(args: argparse.Namespace) -> int:
                             (encode if op == "encode" else decode)(m, value, opts))
             if op in onnx:
                 fns[("onnxruntime", "fp32", "nchw", False)] = lambda op=op: onnx[op](value)
-            rounds: dict[str, list[float]] = {}
+            rounds: dict[str, dict[str, list[float]]] = {}
             with torch.inference_mode():
                 seconds, first = time_interleaved({_label(k): fn for k, fn in fns.items()}, device, args.repeats,
                                                   args.warmup, rounds, args.clock)
@@ -441,7 +442,9 @@ def run(args: argparse.Namespace) -> int:
                 row = _row(impl, op, dtype, resolution, args.batch_size, seconds[_label(key)], peak, flops,
                            peaks[dtype])
                 row.update(layout=layout, layout_chosen=impl != "dcae" or layout == chosen[dtype], compiled=compiled,
-                           first_call_seconds=first.get(_label(key)), round_seconds=rounds[_label(key)])
+                           first_call_seconds=first.get(_label(key)),
+                           round_seconds=rounds[args.clock][_label(key)],
+                           round_seconds_by_clock={name: times[_label(key)] for name, times in rounds.items()})
                 if refs[op] is not None and key != ref_key:
                     row["max_abs_diff"] = (out - refs[op]).abs().max().item()
                     row["psnr_vs_fp32"] = psnr_against(refs[op], out)

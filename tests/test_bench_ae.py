@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from dcae.bench import (
     MD_END,
     bench_dtypes,
     layouts_markers,
+    markdown,
     paired_ratio,
     peak_allocated,
 )
@@ -122,6 +124,8 @@ def test_bench_ae_layouts_times_both_layouts_and_pairs_their_rounds(tmp_path, mo
         assert rows[(op, chosen)]["layout_chosen"] and not rows[(op, other_layout(chosen))]["layout_chosen"]
         assert rows[(op, chosen)]["ratio_vs_dcae_fp32"] == 1.0
         assert len(nchw["round_seconds"]) == len(last["round_seconds"]) == 2
+        assert nchw["round_seconds"] == nchw["round_seconds_by_clock"]["wall"]  # the default clock, and the other
+        assert len(nchw["round_seconds_by_clock"]["process"]) == 2
         assert nchw["ratio_vs_other_layout"] == pytest.approx(1 / last["ratio_vs_other_layout"])
         assert rows[(op, other_layout(chosen))]["max_abs_diff"] < 1e-4  # against the chosen one: the layouts agree
     text = md.read_text()
@@ -155,3 +159,19 @@ def test_bench_ae_compile_adds_compiled_rows_beside_eager_ones(tmp_path, monkeyp
     assert set(rows) == {False, True} and rows[False]["ratio_vs_dcae_fp32"] == 1.0
     assert rows[True]["ratio_vs_dcae_fp32"] == pytest.approx(rows[True]["images_per_s"] / rows[False]["images_per_s"])
     assert rows[True]["first_call_seconds"] > 0 and rows[True]["max_abs_diff"] < 1e-4
+
+
+def test_docs_tables_are_the_results_files():
+    """Every `dcae bench ae` table in docs/speed.md and docs/speed_avx2.md is what `markdown` makes of the results JSON
+    its header names: the figures in the docs come from a file a command wrote."""
+    repo = Path(__file__).resolve().parents[1]
+    docs = {name: (repo / "docs" / name).read_text() for name in ("speed.md", "speed_avx2.md")}
+    checked = 0
+    for path in sorted((repo / "results").glob("bench_ae_*.json")):
+        result = json.loads(path.read_text())
+        if "--md docs/" not in result["command"]:
+            continue
+        doc = docs[result["command"].split("--md docs/", 1)[1].split()[0]]
+        assert markdown(result) in doc, f"{path.name}: its table in the docs differs; rerun its command"
+        checked += 1
+    assert checked >= 2
