@@ -172,12 +172,12 @@ NCHW_FP32_ENCODE_MAX_PIXELS = 256 * 256  # see memory_format: the largest fp32 e
 def memory_format(op: str, dtype: str, pixels: int, device: torch.device | str = "cpu") -> str:
     """The memory layout ("nchw" | "channels_last") of one encode or decode pass of an image of `pixels` pixels.
 
-    The rule, measured on CPU (results/bench_ae_layouts_cpu.json, AVX512-BF16, and
-    results/bench_ae_layouts_cpu_avx2.json, AVX2 imitated; `dcae bench ae --layouts`; docs/speed.md, "Memory
-    layout"): channels_last everywhere except fp32 encodes of images up to 256x256 pixels, which run NCHW. oneDNN's
-    NHWC kernels win where there is enough work per call to amortise their per-call weight reorders (bf16, every
-    decode, encodes of 512 px), and lose a few percent on a small fp32 encode. CUDA keeps channels_last (cuDNN's
-    preferred layout; not measured here).
+    The rule: channels_last everywhere except fp32 encodes of images up to 256x256 pixels, which run NCHW. It comes
+    from the quiet runs (results/bench_ae_cpu.json: channels_last 0.98x diffusers on that pass;
+    results/bench_ae_cpu_encode_nchw.json: NCHW 1.00x). The `dcae bench ae --layouts` runs (results/bench_ae_layouts_
+    cpu*.json, docs/speed.md "Memory layout"), made under load 5-8, found channels_last ahead on that pass too (1.08x):
+    on this pass the two layouts are within what load does to a run, and the rule is not settled (docs/speed.md).
+    CUDA keeps channels_last (cuDNN's preferred layout; not measured here).
     """
     if op not in PASSES:
         raise ValueError(f"unknown pass {op!r}; expected one of {', '.join(PASSES)}")
