@@ -203,6 +203,21 @@ def build_optimizer(params: list[nn.Parameter], optim: OptimConfig, lr: float | 
                              eps=optim.eps)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Any, where: str) -> None:
+    """optimizer.load_state_dict, but a saved state for other parameters (group sizes, shapes, missing entries: the
+    checkpoint of another model or a hand-edited one) is a one-line DCAEError naming `where`, not a traceback."""
+    try:
+        optimizer.load_state_dict(state)
+        for group in optimizer.param_groups:  # load_state_dict checks group sizes; per-parameter state shapes too:
+            for p in group["params"]:
+                for name, value in optimizer.state.get(p, {}).items():
+                    if isinstance(value, torch.Tensor) and value.ndim and value.shape != p.shape:
+                        raise ValueError(f"state {name!r} has shape {tuple(value.shape)}, its parameter "
+                                         f"{tuple(p.shape)}")
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as error:
+        raise DCAEError(f"{where}: optimizer state does not fit this model ({first_line(error)})") from None
+
+
 def all_finite(module: nn.Module) -> bool:
     return all(torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point())
 

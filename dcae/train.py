@@ -38,10 +38,10 @@ from dcae.config import apply_overrides as config_overrides
 from dcae.config import config_from_dict, config_to_dict
 from dcae.data import DataConfig, TrainStream, load_validation_images
 from dcae.errors import DCAEError
-from dcae.losses import GANConfig, GANLoss, ReconstructionLoss
+from dcae.losses import GAN_LOSSES, GANConfig, GANLoss, ReconstructionLoss
 from dcae.runs import (
     PRECISIONS, Dist, JsonlLog, OptimConfig, StopFlag, all_finite, barrier, build_optimizer, config_text, gather,
-    init_distributed, latest_checkpoint, load_state, lr_at, open_run, precision_record, read_json_file, reduce_mean,
+    init_distributed, latest_checkpoint, load_optimizer_state, load_state, lr_at, open_run, precision_record, read_json_file, reduce_mean,
     replace_with_link, report_stop, resolve_precision, run_dir_errors, save_run_config, update_ema, wrap_ddp,
     write_checkpoint_dir,
 )
@@ -176,6 +176,28 @@ def check_config(config: TrainConfig) -> None:
         finite = all(math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,)))
         if not (ok and finite):
             raise DCAEError(f"{name}={value}: expected {expected}")
+    check_gan(config.phase.gan)
+
+
+def check_gan(gan: GANConfig) -> None:
+    """phase.gan: every field the discriminator, its loss or its AdamW would refuse later with a traceback."""
+    def number(value: Any, low: float) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
+
+    def integer(value: Any, low: int, high: int) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+    checks = (("loss", gan.loss in GAN_LOSSES, f"one of {', '.join(GAN_LOSSES)}"),
+              ("norm", gan.norm in ("group", "batch"), "group or batch"),
+              ("weight", number(gan.weight, 0), "a finite number >= 0"),
+              ("disc_lr", gan.disc_lr is None or number(gan.disc_lr, 0), "a finite number >= 0 (or null: the phase's lr)"),
+              ("disc_warmup_steps", integer(gan.disc_warmup_steps, 0, 2 ** 62), "an integer >= 0"),
+              ("n_layers", integer(gan.n_layers, 1, 8), "an integer from 1 to 8"),
+              ("ndf", integer(gan.ndf, 1, 4096) and (gan.norm != "group" or gan.ndf % 32 == 0),
+               "an integer from 1 to 4096 (a multiple of 32 with norm=group: GroupNorm(32))"))
+    for name, ok, expected in checks:
+        if not ok:
+            raise DCAEError(f"phase.gan.{name}={getattr(gan, name)!r}: expected {expected}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -457,7 +479,7 @@ class Trainer:
         if self.phase.use_gan:
             self.gan = GANLoss(self.phase.gan).to(d.device).train()
             self.disc_optimizer = torch.optim.AdamW(
-                self.gan.discriminator.parameters(), lr=self.phase.gan.disc_lr or self.phase.optim.lr,
+                self.gan.discriminator.parameters(), lr=self.phase.optim.lr if self.phase.gan.disc_lr is None else self.phase.gan.disc_lr,
                 betas=tuple(self.phase.optim.betas), weight_decay=0.0)
             self.ddp_disc = wrap_ddp(self.gan.discriminator, d)
             self.last_layer = last_decoder_layer(self.model)
@@ -480,10 +502,10 @@ class Trainer:
 
         load_state_dict_strict(self.ema, read_safetensors(source / "ema.safetensors")[0], str(source))
         self.step, self.counters = int(state["step"]), dict(state["counters"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"], f"{source}/state.pt")
         if self.gan is not None and state.get("discriminator") is not None:
-            self.gan.discriminator.load_state_dict(state["discriminator"])
-            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+            load_state_dict_strict(self.gan.discriminator, state["discriminator"], f"{source}/state.pt discriminator")
+            load_optimizer_state(self.disc_optimizer, state["disc_optimizer"], f"{source}/state.pt disc_optimizer")
         torch.set_rng_state(state["rng"]["torch"])
         if self.d.device.type == "cuda" and state["rng"].get("cuda"):
             torch.cuda.set_rng_state(state["rng"]["cuda"][0])

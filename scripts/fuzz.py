@@ -64,13 +64,13 @@ KNOWN_BUG_AREA = {
     "RUN_STATE_UNCHECKED": "run directories",
     "DEVICE_NAMES": "cli overrides",
     "TORCHRUN_RESTART": "training",
-    "OPEN_DIFFUSION_WEIGHTS": "run directories",
-    "OPEN_OPTIMIZER_STATE": "run directories",
-    "OPEN_DIFFUSION_CONFIG_RANGES": "cli overrides",
-    "OPEN_DIFFUSION_RUN_CONFIG": "run directories",
+    "DIFFUSION_WEIGHTS": "run directories",
+    "OPTIMIZER_STATE": "run directories",
+    "DIFFUSION_CONFIG_RANGES": "cli overrides",
+    "DIFFUSION_RUN_CONFIG": "run directories",
     "OPTIM_VALUES": "cli overrides",
-    "OPEN_GAN_CONFIG_RANGES": "cli overrides",
-    "OPEN_CACHE_INDEX_DTYPE": "latent caches",
+    "GAN_CONFIG_RANGES": "cli overrides",
+    "CACHE_INDEX_DTYPE": "latent caches",
 }
 
 
@@ -121,6 +121,18 @@ FIXED_BUGS = {
              "tests": ["tests/test_fuzz_runs.py::test_train_diffusion_refuses_optimizer_values_adamw_refuses"]},
     "DEVICE_NAMES": {"reason": "`device=meta` / `device=mps` / `xla:0` passed runtime.resolve_device and training died on RuntimeError; found while writing the override fuzzer's values; fixed in runtime.resolve_device (cpu and cuda only)",
              "tests": ["tests/test_fuzz_runs.py::test_training_on_a_device_nothing_runs_on_is_refused"]},
+    "DIFFUSION_WEIGHTS": {"reason": "diffusion.train: load_weights and load_diffusion_checkpoint read model/ema.safetensors unguarded: a corrupt file (SafetensorError), bad dcae_diffusion metadata (JSONDecodeError) or weights that do not fit the model config (RuntimeError) were a traceback on resume or sample; fixed with weights.read_safetensors / load_state_dict_strict, the metadata parsed and checked (diffusion.train.check_info) and the shapes compared on the meta device before anything is allocated",
+             "tests": ["tests/test_fuzz_runs.py::test_diffusion_resume_and_sampling_of_a_corrupt_checkpoint_is_one_error"]},
+    "OPTIMIZER_STATE": {"reason": "Trainer.restore and diffusion.train called optimizer.load_state_dict on the saved state: a param group of another size raised ValueError (a traceback); fixed in runs.load_optimizer_state (group sizes and per-parameter state shapes), used by both trainers and the discriminator's optimizer",
+             "tests": ["tests/test_fuzz_runs.py::test_resume_with_an_optimizer_group_of_another_size_is_one_error"]},
+    "DIFFUSION_CONFIG_RANGES": {"reason": "diffusion.train.check_config checked no range of the model config nor the seed: model.hidden_size=2^57 or -3042 (RuntimeError), hidden_size=1 (ValueError), num_heads=0 (ZeroDivisionError), seed=-1 (ValueError) were tracebacks; fixed in diffusion.presets.check_model_config and check_fits_memory (parameters counted on the meta device against free memory)",
+             "tests": ["tests/test_fuzz_runs.py::test_train_diffusion_refuses_a_config_out_of_range"]},
+    "GAN_CONFIG_RANGES": {"reason": "train.check_config checked no field of phase.gan: phase.gan.disc_lr=-1 reached the discriminator's AdamW (ValueError traceback); fixed in train.check_gan (every field; disc_lr=0 now means 0, not the phase's lr)",
+             "tests": ["tests/test_fuzz_runs.py::test_train_refuses_a_negative_discriminator_learning_rate"]},
+    "DIFFUSION_RUN_CONFIG": {"reason": "diffusion.train.config_from_json: a saved train_config.json whose `model` is not an object raised AttributeError in presets.model_config_from_dict; fixed in config_from_json",
+             "tests": ["tests/test_fuzz_runs.py::test_resume_of_a_diffusion_run_whose_saved_model_is_not_an_object_is_one_error"]},
+    "CACHE_INDEX_DTYPE": {"reason": "diffusion.latents._index_problem: a list as the index's dtype raised TypeError (unhashable) instead of reporting a bad index; fixed there",
+             "tests": ["tests/test_fuzz_runs.py::test_cache_index_with_a_list_as_dtype_is_one_error"]},
 }
 
 
@@ -446,7 +458,10 @@ def markdown(report: dict[str, Any]) -> str:
         fixed = sum(1 for b in bugs if report["known_bugs"][b].get("status") == "fixed")
         lines.append(f"| {name} | {row['target']} | {row['inputs_run']} | {row['batches']} | {row['seconds']} | "
                      f"{crashes} | {fixed} / {len(bugs) - fixed} |")
-    lines += ["", "Known bugs (each reproduced by its regression tests, run here with `--runxfail`):", "",
+    recheck = report.get("known_bugs_recheck")
+    when = (f" (status rechecked after the fuzzing run by `{recheck['command']}` at commit "
+            f"{str(recheck['provenance'].get('git_commit'))[:7]})" if recheck else "")
+    lines += ["", f"Known bugs (each reproduced by its regression tests, run here with `--runxfail`){when}:", "",
               "| bug | area | status | tests passing | reproduced by |", "| --- | --- | --- | ---: | --- |"]
     for name, bug in report["known_bugs"].items():
         tests = ", ".join(f"`{t.split('::')[1]}`" for t in bug["tests"])
@@ -481,11 +496,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite the tables in docs/hardening.md")
     parser.add_argument("--render", action="store_true", help="only rewrite the doc tables from --output")
+    parser.add_argument("--recheck-bugs", action="store_true",
+                        help="only rerun the known bugs' regression tests and update their status in --output")
     args = parser.parse_args(argv)
     if args.render:
         write_doc(markdown(json.loads(args.output.read_text())))
         print(f"wrote the tables in {DOC} from {args.output}")
         return 0
+    if args.recheck_bugs:
+        return recheck_bugs(args, argv)
 
     # One thread per child: children run side by side, and a process that never started an OpenMP pool forks safely.
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
@@ -502,6 +521,26 @@ def main(argv: list[str] | None = None) -> int:
         return run(args, parser, argv, started)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def recheck_bugs(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Rerun the known bugs' regression tests against this tree and update `known_bugs` in an existing results file
+    (the fuzzing rows stay what their run measured); the command and provenance of the recheck are recorded."""
+    from dcae.provenance import provenance
+
+    report = json.loads(args.output.read_text())
+    report["known_bugs"] = known_bugs([load_test_module("test_fuzz"), load_test_module("test_hostile"),
+                                       load_test_module("test_fuzz_runs")])
+    bug_status(report["known_bugs"])
+    report["known_bugs_recheck"] = {"command": " ".join(["python", "scripts/fuzz.py", *(argv if argv is not None
+                                                                                        else sys.argv[1:])]),
+                                    "provenance": provenance()}
+    for name, bug in report["known_bugs"].items():
+        print(f"  {name}: {bug.get('status')} ({bug.get('passed')}/{bug.get('total')} tests pass)")
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    if not args.no_doc:
+        write_doc(markdown(report))
+    return 0
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, argv: list[str] | None, started: float) -> int:

@@ -128,3 +128,37 @@ def test_model_config_roundtrip_and_bad_dicts():
         model_config_from_dict({**dataclasses.asdict(config), "dept": 3})
     with pytest.raises(ValueError, match="unknown arch"):
         model_config_from_dict({"arch": "unet"})
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("hidden_size", 2 ** 57, "model.hidden_size=.*integer from 1 to"), ("hidden_size", -8, "from 1 to"),
+    ("hidden_size", 6, "multiple of 4"), ("num_heads", 0, "model.num_heads=0"), ("num_heads", 5, "does not split"),
+    ("depth", True, "model.depth=True"), ("mlp_ratio", float("nan"), "mlp_ratio"), ("mlp_ratio", 0.001, "no hidden"),
+    ("patch_size", 3, "does not divide"), ("num_classes", -1, "from 0 to"), ("in_channels", "4", "model.in_channels")])
+def test_check_model_config_names_the_field(field, value, message):
+    import dataclasses
+
+    from dcae.diffusion.presets import check_model_config
+    from dcae.errors import DCAEError
+
+    for name in ("DiT-S/1", "UViT-S/1"):
+        config = get_diffusion_config(name, in_channels=32, input_size=16)
+        check_model_config(config)  # the presets pass
+        with pytest.raises(DCAEError, match=message):
+            check_model_config(dataclasses.replace(config, **{field: value}))
+
+
+def test_every_preset_passes_the_range_check_and_memory_is_counted_on_meta(monkeypatch):
+    import dcae.tiling
+    from dcae.diffusion.presets import check_fits_memory, check_model_config, count_parameters
+    from dcae.errors import DCAEError
+
+    for name in list_diffusion_presets():
+        check_model_config(get_diffusion_config(name, in_channels=32, input_size=16))
+    xl = get_diffusion_config("DiT-XL/1", in_channels=32, input_size=16)
+    assert count_parameters(xl) == param_count("DiT-XL/1", in_channels=32, input_size=16)
+    monkeypatch.setattr(dcae.tiling, "available_memory", lambda device: 2 ** 30)  # 1 GiB free
+    check_fits_memory(get_diffusion_config("DiT-T/1", in_channels=32, input_size=16), torch.device("cpu"), 5, "x")
+    with pytest.raises(DCAEError, match=r"x: the model has 6\d\d\.\dM parameters; 5 fp32 copies need 1[23]\.\d GiB "
+                                        r"but cpu has 1\.0 GiB free"):
+        check_fits_memory(xl, torch.device("cpu"), 5, "x")

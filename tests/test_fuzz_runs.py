@@ -268,8 +268,7 @@ def _bytes_io(data: bytes) -> Any:
 def run_dir_inputs(draw, skip_open: bool = False) -> tuple[str, list[tuple]]:
     """(kind, edits): 1-3 edits of a seed run's files (JSON values, state.pt nodes, safetensors headers, bytes,
     the latest pointer, a deleted file, lines appended to the log). `skip_open` leaves a diffusion run's weight
-    files alone (OPEN_DIFFUSION_WEIGHTS: the default suite must pass until that fix is in; scripts/fuzz.py edits
-    them)."""
+    files alone (kept for the bounded default run; scripts/fuzz.py edits them)."""
     kind = draw(st.sampled_from(["ae", "diffusion"]))
     files = seed_files()[kind]
     names = sorted(files)
@@ -748,35 +747,11 @@ def test_a_checkpoint_missing_its_ema_is_passed_over(tmp_path):
         assert latest_checkpoint(run).name == "step_00000002"
 
 
-# Open: found by these fuzzers in modules another change owns (dcae/train.py, dcae/diffusion/*); each test fails until
-# the fix named in docs/hardening.md is in, and then passes (strict xfail: remove the marker with the fix).
-OPEN_DIFFUSION_WEIGHTS = pytest.mark.xfail(strict=True, reason=(
-    "dcae/diffusion/train.py: load_weights and load_diffusion_checkpoint read model/ema.safetensors with safe_open and "
-    "load_state_dict(strict=True) unguarded: a corrupt file (SafetensorError), bad dcae_diffusion metadata "
-    "(JSONDecodeError) or a model config that does not fit the weights (RuntimeError) is a traceback on resume or "
-    "sample"))
-OPEN_OPTIMIZER_STATE = pytest.mark.xfail(strict=True, reason=(
-    "dcae/train.py Trainer.restore and dcae/diffusion/train.py call optimizer.load_state_dict on the saved state: a "
-    "param group of another size raises ValueError (a traceback); dcae.runs.check_state checks types, only the "
-    "trainer knows the group sizes"))
-OPEN_DIFFUSION_CONFIG_RANGES = pytest.mark.xfail(strict=True, reason=(
-    "dcae/diffusion/train.py check_config checks no range of the model config nor the seed: model.hidden_size=2^57 "
-    "or -3042 (RuntimeError), model.hidden_size=1 (ValueError from the sin-cos embedding), model.num_heads=0 "
-    "(ZeroDivisionError), seed=-1 (numpy's ValueError in batch_indices) end in tracebacks; a saved config whose model "
-    "is large allocates it before the weights are compared with it"))
-OPEN_GAN_CONFIG_RANGES = pytest.mark.xfail(strict=True, reason=(
-    "dcae/train.py check_config checks no field of phase.gan: `dcae train --phase 3 ... phase.gan.disc_lr=-1` passes "
-    "it and Trainer's torch.optim.AdamW for the discriminator raises ValueError (a traceback)"))
-OPEN_DIFFUSION_RUN_CONFIG = pytest.mark.xfail(strict=True, reason=(
-    "dcae/diffusion/train.py config_from_json: a saved train_config.json whose `model` is not an object raises "
-    "AttributeError in presets.model_config_from_dict (d.get), which config_from_json does not catch"))
-OPEN_CACHE_INDEX_DTYPE = pytest.mark.xfail(strict=True, reason=(
-    "dcae/diffusion/latents.py _index_problem: `index.get('dtype') not in STORAGE_DTYPES` with a list as dtype raises "
-    "TypeError (unhashable) instead of reporting a bad index"))
+# Found by these fuzzers in the two trainers (dcae/train.py, dcae/diffusion/*) and fixed in a later change; each was a
+# strict xfail until then.
 
 
-@OPEN_DIFFUSION_WEIGHTS
-@pytest.mark.parametrize("damage", ["truncated", "metadata"])
+@pytest.mark.parametrize("damage", ["truncated", "metadata", "field", "model"])
 def test_diffusion_resume_and_sampling_of_a_corrupt_checkpoint_is_one_error(tmp_path, damage):
     from dcae.diffusion.train import load_diffusion_checkpoint
 
@@ -785,14 +760,22 @@ def test_diffusion_resume_and_sampling_of_a_corrupt_checkpoint_is_one_error(tmp_
     if damage == "truncated":
         weights.write_bytes(weights.read_bytes()[:100])
         check_main(["train-diffusion", "--resume", str(run), "--steps", "2", "progress=false"])
-    else:
-        from safetensors.torch import load_file, save_file
+        return
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
-        save_file(load_file(str(weights)), str(weights), metadata={"dcae_diffusion": "{not json"})
-        expect_clean(lambda: load_diffusion_checkpoint(run))
+    with safe_open(str(weights), framework="pt") as f:
+        info = json.loads(f.metadata()["dcae_diffusion"])
+    text = {"metadata": "{not json",
+            "field": json.dumps({**info, "scaling_factor": "x"}),  # what `dcae sample` would multiply by
+            "model": json.dumps({**info, "model": {**info["model"], "hidden_size": 2 ** 20}})}[damage]
+    save_file(load_file(str(weights)), str(weights), metadata={"dcae_diffusion": text})
+    with pytest.raises(DCAEError, match={"metadata": "bad dcae_diffusion metadata", "field": "scaling_factor='x'",
+                                         "model": "model.hidden_size=1048576"}[damage]):
+        load_diffusion_checkpoint(run)
+    expect_clean(lambda: load_diffusion_checkpoint(run))
 
 
-@OPEN_OPTIMIZER_STATE
 @pytest.mark.parametrize("kind", ["ae", "diffusion"])
 def test_resume_with_an_optimizer_group_of_another_size_is_one_error(tmp_path, kind):
     run = _seed_run(tmp_path, kind)
@@ -803,21 +786,18 @@ def test_resume_with_an_optimizer_group_of_another_size_is_one_error(tmp_path, k
                 "progress=false"])
 
 
-@OPEN_DIFFUSION_CONFIG_RANGES
 @pytest.mark.parametrize("override", ["model.hidden_size=247985439478575456", "model.hidden_size=-3042",
                                       "model.hidden_size=1", "model.num_heads=0", "seed=-1"])
 def test_train_diffusion_refuses_a_config_out_of_range(override):
     check_overrides(("train-diffusion", [override]))
 
 
-@OPEN_GAN_CONFIG_RANGES
 def test_train_refuses_a_negative_discriminator_learning_rate(tmp_path):
     check_main(["train", "--phase", "3", "--init", str(nano_checkpoint()), "--data", str(train_images()), "--steps",
                 "1", "--batch-size", "1", "--resolution", "32", "--run-dir", str(tmp_path / "run"),
                 "data.num_workers=0", "progress=false", "phase.lpips_weight=0", "phase.gan.disc_lr=-1"])
 
 
-@OPEN_DIFFUSION_RUN_CONFIG
 def test_resume_of_a_diffusion_run_whose_saved_model_is_not_an_object_is_one_error(tmp_path):
     run = _seed_run(tmp_path, "diffusion")
     path = run / "checkpoints" / "step_00000002" / "train_config.json"
@@ -825,7 +805,6 @@ def test_resume_of_a_diffusion_run_whose_saved_model_is_not_an_object_is_one_err
     check_main(["train-diffusion", "--resume", str(run), "--steps", "2", "progress=false"])
 
 
-@OPEN_CACHE_INDEX_DTYPE
 def test_cache_index_with_a_list_as_dtype_is_one_error():
     from test_fuzz import check_cache
 

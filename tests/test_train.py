@@ -505,3 +505,32 @@ def test_cli_tensorboard_mirrors_log_jsonl(tmp_path):
     assert sorted(scalars["val/val_psnr"]) == sorted(vals) == [0, 2]
     assert scalars["val/val_psnr"][2] == pytest.approx(vals[2]["val_psnr"], rel=1e-6)
     assert "train/event" not in scalars and "val/samples" in images
+
+
+def test_optimizer_state_of_other_shapes_is_one_error():
+    from dcae.runs import build_optimizer, load_optimizer_state
+
+    def adamw(*shapes):
+        params = [torch.nn.Parameter(torch.ones(s)) for s in shapes]
+        optimizer = build_optimizer(params, OptimConfig(lr=0.1, warmup_steps=0))
+        sum(p.sum() for p in params).backward()
+        optimizer.step()
+        return optimizer
+
+    saved = adamw((3, 4), (4,)).state_dict()
+    load_optimizer_state(adamw((3, 4), (4,)), saved, "run/state.pt")  # the same model loads
+    with pytest.raises(DCAEError, match=r"run/state.pt: optimizer state does not fit this model \(state 'exp_avg' "
+                                        r"has shape \(3, 4\), its parameter \(4, 3\)\)"):
+        load_optimizer_state(adamw((4, 3), (4,)), saved, "run/state.pt")
+    with pytest.raises(DCAEError, match="run/state.pt: optimizer state does not fit this model"):
+        load_optimizer_state(adamw((3, 4), (4,), (2,)), saved, "run/state.pt")  # another group size
+
+
+@pytest.mark.parametrize("override,message", [
+    ("phase.gan.disc_lr=-1", "phase.gan.disc_lr=-1"), ("phase.gan.ndf=48", "multiple of 32"),
+    ("phase.gan.n_layers=0", "phase.gan.n_layers=0"), ("phase.gan.loss=wgan", "phase.gan.loss='wgan'"),
+    ("phase.gan.weight=nan", "phase.gan.weight=nan"), ("phase.gan.disc_warmup_steps=-2", "disc_warmup_steps=-2")])
+def test_gan_fields_are_range_checked(override, message):
+    check_config(TrainConfig())
+    with pytest.raises(DCAEError, match=message):
+        check_config(apply_overrides(TrainConfig(), [override]))

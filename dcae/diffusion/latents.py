@@ -140,7 +140,8 @@ def _index_problem(index: dict[str, Any]) -> str | None:
         return "latent_shape must be three positive integers"
     if not _is_int(index.get("count")) or not _is_int(index.get("shard_size"), 1):
         return "count and shard_size must be non-negative integers (shard_size positive)"
-    if index.get("dtype") not in STORAGE_DTYPES or not isinstance(index.get("flip"), bool):
+    if not isinstance(index.get("dtype"), str) or index["dtype"] not in STORAGE_DTYPES or \
+            not isinstance(index.get("flip"), bool):
         return f"dtype must be one of {', '.join(STORAGE_DTYPES)} and flip a boolean"
     if not _is_int(index.get("resolution"), 1, 2**20):
         return "resolution must be a positive integer"

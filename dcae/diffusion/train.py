@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -39,15 +38,19 @@ from dcae.config import config_from_dict, config_to_dict
 from dcae.diffusion.augment import Augment, prefix_sizes, step_loss
 from dcae.diffusion.latents import LatentCache, estimate_scaling_factor, load_latent_cache, read_index
 from dcae.diffusion.objectives import OBJECTIVES, get_objective
-from dcae.diffusion.presets import ModelConfig, create_diffusion_model, get_diffusion_config, model_config_from_dict
-from dcae.errors import DCAEError
+from dcae.diffusion.presets import (
+    ModelConfig, check_fits_memory, check_model_config, create_diffusion_model, get_diffusion_config,
+    model_config_from_dict,
+)
+from dcae.errors import DCAEError, first_line, printable
 from dcae.runs import (
     PRECISIONS, JsonlLog, OptimConfig, StopFlag, barrier, build_optimizer, config_text, ema_decay_at, gather,
-    init_distributed, latest_checkpoint, load_state, lr_at, open_run, precision_record, read_json_file, reduce_mean,
+    init_distributed, latest_checkpoint, load_optimizer_state, load_state, lr_at, open_run, precision_record, read_json_file, reduce_mean,
     report_stop, resolve_precision, save_run_config, update_ema, wrap_ddp, write_checkpoint_dir,
 )
 from dcae.runtime import autocast
 from dcae.tensorboard import TensorBoardLogger
+from dcae.weights import check_shapes, load_state_dict_strict, read_safetensors
 
 METADATA_KEY = "dcae_diffusion"  # safetensors metadata entry holding the checkpoint's JSON description
 
@@ -97,11 +100,13 @@ def config_dict(config: TrainDiffusionConfig) -> dict[str, Any]:
 def config_from_json(data: dict[str, Any], where: str) -> TrainDiffusionConfig:
     data = dict(data)
     model = data.pop("model", None)
+    if model is not None and not isinstance(model, dict):
+        raise DCAEError(f"{where}: `model` must be an object (a model config) or null, not {type(model).__name__}")
     try:
         config = config_from_dict(TrainDiffusionConfig, data, where)
         return dataclasses.replace(config, model=model_config_from_dict(model) if model is not None else None)
     except (TypeError, ValueError) as error:
-        raise DCAEError(f"{where}: {error}") from None
+        raise DCAEError(f"{where}: {first_line(error)}") from None
 
 
 def latent_shape(config: TrainDiffusionConfig, index: dict[str, Any]) -> list[int]:
@@ -146,6 +151,9 @@ def resolve_model_config(config: TrainDiffusionConfig, index: dict[str, Any]) ->
 
 def check_config(config: TrainDiffusionConfig, index: dict[str, Any], world_size: int) -> None:
     """Reject values that would fail later with a less clear message."""
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or not 0 <= config.seed < 2 ** 53:
+        raise DCAEError(f"seed={config.seed!r}: must be an integer from 0 to 2^53-1")  # seed*1000+rank seeds torch
+    check_model_config(config.model)
     if config.objective not in OBJECTIVES:
         raise DCAEError(f"objective={config.objective!r}: choose from {', '.join(OBJECTIVES)}")
     if config.precision not in PRECISIONS:
@@ -226,9 +234,8 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, ema: nn.Module, 
 
 
 def load_weights(module: nn.Module, path: Path) -> None:
-    with safe_open(str(path), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    module.load_state_dict(state, strict=True)
+    """A checkpoint's weights into `module`; an unreadable file or weights of another model is a DCAEError."""
+    load_state_dict_strict(module, read_safetensors(path)[0], str(path))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -245,6 +252,7 @@ def train_diffusion(config: TrainDiffusionConfig, resume: bool = False) -> Path:
     if config.model is None:
         config = dataclasses.replace(config, model=resolve_model_config(config, index))
     check_config(config, index, d.world_size)  # before reading the shards: a bad field fails at once
+    check_fits_memory(config.model, d.device, 5, "train-diffusion")
     channels = config.model.in_channels
     augment = resolve_augment(config, channels)
     cache = load_latent_cache(config.latents, use_flip=config.use_flip, index=index,
@@ -262,7 +270,7 @@ def train_diffusion(config: TrainDiffusionConfig, resume: bool = False) -> Path:
     if state is not None:
         load_weights(model, resume_from / "model.safetensors")
         load_weights(ema, resume_from / "ema.safetensors")
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"], f"{resume_from}/state.pt")
         step = int(state["step"])
         if len(state["rng"]) != d.world_size:
             raise DCAEError(f"{resume_from}: saved by {len(state['rng'])} processes; resume with the same number")
@@ -381,19 +389,48 @@ def find_weights(path: str | Path, ema: bool = True) -> Path:
     return ckpt / name
 
 
+def check_info(info: dict[str, Any], m: ModelConfig, where: str) -> None:
+    """The metadata fields `dcae sample` reads, typed and consistent with the model (a DCAEError naming the field)."""
+    shape = info.get("latent_shape")
+    cached = info.get("cache_latent_shape", shape)
+    scale = info.get("scaling_factor")
+    checks = (("objective", info.get("objective") in OBJECTIVES),
+              ("step", isinstance(info.get("step"), int) and not isinstance(info.get("step"), bool)),
+              ("latent_shape", shape == [m.in_channels, m.input_size, m.input_size]),
+              ("cache_latent_shape", isinstance(cached, list) and len(cached) == 3
+               and all(isinstance(v, int) and not isinstance(v, bool) for v in cached) and cached[0] >= m.in_channels
+               and cached[1:] == shape[1:]),
+              ("scaling_factor", isinstance(scale, (int, float)) and not isinstance(scale, bool)
+               and math.isfinite(scale) and scale > 0),
+              ("class_names", isinstance(info.get("class_names"), list)
+               and all(isinstance(c, str) for c in info["class_names"])),
+              ("autoencoder", isinstance(info.get("autoencoder"), dict)),
+              ("autoencoder_config_hash", isinstance(info.get("autoencoder_config_hash"), str)))
+    for name, ok in checks:
+        if not ok:
+            raise DCAEError(f"{where}: bad {METADATA_KEY} metadata field {name}={printable(repr(info.get(name)))[:80]}")
+
+
 def load_diffusion_checkpoint(path: str | Path, ema: bool = True, device: torch.device | str = "cpu"
                               ) -> DiffusionCheckpoint:
     """Rebuild the model a checkpoint was trained as and load its (EMA) weights; eval mode."""
     weights = find_weights(path, ema)
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            metadata = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as error:  # noqa: BLE001 - safetensors raises several types for a bad file
-        raise DCAEError(f"{weights}: cannot read safetensors file: {error}") from None
+    state, metadata = read_safetensors(weights)
     if METADATA_KEY not in metadata:
         raise DCAEError(f"{weights}: not a dcae diffusion checkpoint (no {METADATA_KEY} metadata)")
-    info = json.loads(metadata[METADATA_KEY])
-    model = create_diffusion_model(model_config_from_dict(info["model"]))
-    model.load_state_dict(state, strict=True)
+    try:
+        info = json.loads(metadata[METADATA_KEY])
+        if not isinstance(info, dict):
+            raise TypeError(f"a JSON {type(info).__name__}, not an object")
+        model_config = model_config_from_dict(info["model"])
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
+        raise DCAEError(f"{weights}: bad {METADATA_KEY} metadata ({first_line(error)})") from None
+    check_model_config(model_config, f"{weights}: model")
+    check_info(info, model_config, str(weights))
+    with torch.device("meta"):  # compare shapes before allocating anything the metadata asks for
+        shapes = {k: tuple(v.shape) for k, v in create_diffusion_model(model_config).state_dict().items()}
+    check_shapes(state, shapes, str(weights))
+    check_fits_memory(model_config, torch.device(device), 1, str(weights))
+    model = create_diffusion_model(model_config)
+    load_state_dict_strict(model, state, str(weights))
     return DiffusionCheckpoint(model=model.to(device).eval(), info=info, path=weights)
