@@ -172,11 +172,11 @@ NCHW_FP32_ENCODE_MAX_PIXELS = 256 * 256  # see memory_format: the largest fp32 e
 def memory_format(op: str, dtype: str, pixels: int, device: torch.device | str = "cpu") -> str:
     """The memory layout ("nchw" | "channels_last") of one encode or decode pass of an image of `pixels` pixels.
 
-    The rule: channels_last everywhere except fp32 encodes of images up to 256x256 pixels, which run NCHW. It comes
-    from the quiet runs (results/bench_ae_cpu.json: channels_last 0.98x diffusers on that pass;
-    results/bench_ae_cpu_encode_nchw.json: NCHW 1.00x). The `dcae bench ae --layouts` runs (results/bench_ae_layouts_
-    cpu*.json, docs/speed.md "Memory layout"), made under load 5-8, found channels_last ahead on that pass too (1.08x):
-    on this pass the two layouts are within what load does to a run, and the rule is not settled (docs/speed.md).
+    The rule: channels_last everywhere except fp32 encodes of images up to 256x256 pixels, which run NCHW. Measured
+    with both layouts in the same rounds on a quiet machine (`dcae bench ae --layouts`,
+    results/bench_ae_layouts_cpu*.json, docs/speed.md "Memory layout"): channels_last is ahead in every bf16 pass
+    (1-10%) and at 512 px fp32 on AVX-512 (7-8%); at 256 px fp32 the two are within 2-4%, and the small encode is 2%
+    faster in NCHW on AVX512-BF16 (2% slower on AVX2).
     CUDA keeps channels_last (cuDNN's preferred layout; not measured here).
     """
     if op not in PASSES:

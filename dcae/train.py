@@ -41,9 +41,9 @@ from dcae.errors import DCAEError
 from dcae.losses import GAN_LOSSES, GANConfig, GANLoss, ReconstructionLoss
 from dcae.runs import (
     PRECISIONS, Dist, JsonlLog, OptimConfig, StopFlag, all_finite, barrier, build_optimizer, config_text, gather,
-    init_distributed, latest_checkpoint, load_optimizer_state, load_state, lr_at, open_run, precision_record, read_json_file, reduce_mean,
-    replace_with_link, report_stop, resolve_precision, run_dir_errors, save_run_config, update_ema, wrap_ddp,
-    write_checkpoint_dir,
+    init_distributed, latest_checkpoint, load_optimizer_state, load_state, lr_at, open_run, precision_record,
+    read_json_file, reduce_mean, replace_with_link, report_stop, resolve_precision, run_dir_errors, save_run_config,
+    update_ema, wrap_ddp, write_checkpoint_dir,
 )
 from dcae.runtime import autocast
 from dcae.tensorboard import TensorBoardLogger

@@ -460,7 +460,8 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{crashes} | {fixed} / {len(bugs) - fixed} |")
     recheck = report.get("known_bugs_recheck")
     when = (f" (status rechecked after the fuzzing run by `{recheck['command']}` at commit "
-            f"{str(recheck['provenance'].get('git_commit'))[:7]})" if recheck else "")
+            f"{str(recheck['provenance'].get('commit'))[:12]}{'-dirty' if recheck['provenance'].get('dirty') else ''})"
+            if recheck else "")
     lines += ["", f"Known bugs (each reproduced by its regression tests, run here with `--runxfail`){when}:", "",
               "| bug | area | status | tests passing | reproduced by |", "| --- | --- | --- | ---: | --- |"]
     for name, bug in report["known_bugs"].items():

@@ -64,7 +64,8 @@ def check_model_config(m: ModelConfig, prefix: str = "model") -> None:
         raise DCAEError(f"{prefix}.hidden_size={m.hidden_size}: must be a multiple of 4 (the 2-D sin-cos position "
                         f"embedding)")
     if m.hidden_size % m.num_heads:
-        raise DCAEError(f"{prefix}.hidden_size={m.hidden_size} does not split into {prefix}.num_heads={m.num_heads} heads")
+        raise DCAEError(f"{prefix}.hidden_size={m.hidden_size} does not split into "
+                        f"{prefix}.num_heads={m.num_heads} heads")
     ratio = m.mlp_ratio
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (math.isfinite(ratio) and 0 < ratio <= 64):
         raise DCAEError(f"{prefix}.mlp_ratio={ratio!r}: expected a number in (0, 64]")

@@ -45,8 +45,9 @@ from dcae.diffusion.presets import (
 from dcae.errors import DCAEError, first_line, printable
 from dcae.runs import (
     PRECISIONS, JsonlLog, OptimConfig, StopFlag, barrier, build_optimizer, config_text, ema_decay_at, gather,
-    init_distributed, latest_checkpoint, load_optimizer_state, load_state, lr_at, open_run, precision_record, read_json_file, reduce_mean,
-    report_stop, resolve_precision, save_run_config, update_ema, wrap_ddp, write_checkpoint_dir,
+    init_distributed, latest_checkpoint, load_optimizer_state, load_state, lr_at, open_run, precision_record,
+    read_json_file, reduce_mean, report_stop, resolve_precision, save_run_config, update_ema, wrap_ddp,
+    write_checkpoint_dir,
 )
 from dcae.runtime import autocast
 from dcae.tensorboard import TensorBoardLogger
