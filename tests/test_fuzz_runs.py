@@ -766,10 +766,17 @@ def test_diffusion_resume_and_sampling_of_a_corrupt_checkpoint_is_one_error(tmp_
 
     with safe_open(str(weights), framework="pt") as f:
         info = json.loads(f.metadata()["dcae_diffusion"])
+    tensors = load_file(str(weights))
+    if damage == "field":  # each field `dcae sample` reads, of the wrong type or missing
+        for key, value in [("objective", ["flow"]), ("latent_shape", None), ("class_names", "ab"), ("step", True),
+                           ("cache_latent_shape", [1, 2]), ("autoencoder", None)]:
+            save_file(tensors, str(weights), metadata={"dcae_diffusion": json.dumps({**info, key: value})})
+            with pytest.raises(DCAEError, match=f"metadata field {key}="):
+                load_diffusion_checkpoint(run)
     text = {"metadata": "{not json",
             "field": json.dumps({**info, "scaling_factor": "x"}),  # what `dcae sample` would multiply by
             "model": json.dumps({**info, "model": {**info["model"], "hidden_size": 2 ** 20}})}[damage]
-    save_file(load_file(str(weights)), str(weights), metadata={"dcae_diffusion": text})
+    save_file(tensors, str(weights), metadata={"dcae_diffusion": text})
     with pytest.raises(DCAEError, match={"metadata": "bad dcae_diffusion metadata", "field": "scaling_factor='x'",
                                          "model": "model.hidden_size=1048576"}[damage]):
         load_diffusion_checkpoint(run)

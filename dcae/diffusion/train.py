@@ -395,12 +395,12 @@ def check_info(info: dict[str, Any], m: ModelConfig, where: str) -> None:
     shape = info.get("latent_shape")
     cached = info.get("cache_latent_shape", shape)
     scale = info.get("scaling_factor")
-    checks = (("objective", info.get("objective") in OBJECTIVES),
+    checks = (("objective", isinstance(info.get("objective"), str) and info["objective"] in OBJECTIVES),
               ("step", isinstance(info.get("step"), int) and not isinstance(info.get("step"), bool)),
               ("latent_shape", shape == [m.in_channels, m.input_size, m.input_size]),
               ("cache_latent_shape", isinstance(cached, list) and len(cached) == 3
                and all(isinstance(v, int) and not isinstance(v, bool) for v in cached) and cached[0] >= m.in_channels
-               and cached[1:] == shape[1:]),
+               and cached[1:] == [m.input_size, m.input_size]),
               ("scaling_factor", isinstance(scale, (int, float)) and not isinstance(scale, bool)
                and math.isfinite(scale) and scale > 0),
               ("class_names", isinstance(info.get("class_names"), list)
