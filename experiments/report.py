@@ -134,6 +134,28 @@ def compare_values(values: list[float]) -> int | str | None:
     return SPREAD if abs(mean) <= std else (1 if mean > 0 else -1)
 
 
+def compare_groups(va: list[float], vb: list[float]) -> int | str | None:
+    """+1 if the values of group a are higher than b's by more than the larger spread, -1 if lower (`compare`'s rule
+    on per-seed values that are not a metric of an eval spec, e.g. a drop between two specs)."""
+    if not va or not vb:
+        return None
+    if min(len(va), len(vb)) < MIN_SEEDS:
+        return FEW_SEEDS
+    diff = statistics.fmean(va) - statistics.fmean(vb)
+    return SPREAD if abs(diff) <= max(statistics.stdev(va), statistics.stdev(vb)) else (1 if diff > 0 else -1)
+
+
+def drop_per_seed(arm: Arm, set_spec: str, k: int, full: int, key: str = "psnr") -> list[float]:
+    """Per seed: the metric at the first k channels minus the same model's metric at all `full` channels."""
+    values = []
+    for r in arm.records:
+        ev = r.get("eval", {})
+        at_k, at_full = ev.get(f"{set_spec} k={k}", {}).get(key), ev.get(f"{set_spec} k={full}", {}).get(key)
+        if isinstance(at_k, (int, float)) and isinstance(at_full, (int, float)):
+            values.append(at_k - at_full)
+    return values
+
+
 def mean_spread(values: list[float], digits: int = 2) -> str:
     if len(values) < 2:
         return f"{values[0]:+.{digits}f}" if values else "n/a"
@@ -600,6 +622,17 @@ def render_structured(results: dict[str, Any], figure: Path) -> tuple[list[str],
         verdicts.append(verdict(ok, f"{set_spec}: prefixes of the structured latent decode better than the same "
                                     f"prefixes of the unstructured one at every k < {full} (PSNR structured vs "
                                     f"plain, {detail}).", seeds))
+        drops = {k: [drop_per_seed(arm, set_spec, k, full) for arm in (st, plain)] for k in prefixes}
+        outcomes = [compare_groups(*drops[k]) for k in prefixes]
+        ok = overall(outcomes)
+        if ok is True and any(o != 1 for o in outcomes):
+            ok = None
+        detail = "; ".join(f"k={k}: {mean_spread(drops[k][0])} vs {mean_spread(drops[k][1])} dB ({word(o)})"
+                           for k, o in zip(prefixes, outcomes))
+        verdicts.append(verdict(ok, f"{set_spec}: dropping channels costs the structured latent less than the "
+                                    f"unstructured one (each model's PSNR at k minus its own PSNR at C = {full}, per "
+                                    f"seed, structured vs plain: {detail}). A drop near 0 can also mean the later "
+                                    f"channels carry little yet: read it with the full-C line below.", seeds))
         spec = f"{set_spec} k={full}"
         gaps = paired_gaps(st, plain, spec, "psnr")
         cost = compare(st, plain, spec, "psnr")
@@ -617,7 +650,8 @@ def render_structured(results: dict[str, Any], figure: Path) -> tuple[list[str],
     verdicts.append(f"- Budget: {min(steps)}-{max(steps)} optimizer steps per run."
                     + (" Both arms are still in their first steps of training, so these verdicts speak of that, not "
                        "of trained models." if max(steps) < FEW_STEPS else ""))
-    verdicts.append("- rFID here comes from 24-80 images: listed in the JSON, never used for a verdict.")
+    verdicts.append("- rFID here comes from 24-80 images: listed in the JSON, never used for a verdict."
+                    if results.get("settings", {}).get("rfid", True) else "- rFID not measured (`--no-rfid`).")
     return lines, verdicts
 
 

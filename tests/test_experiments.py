@@ -156,6 +156,9 @@ def test_report_renders_tables_figures_and_verdicts(tmp_path: Path):
     assert "**Does not reproduce at this scale.** f64c128" in text
     assert "**Reproduces.** kodak24@256: prefixes of the structured latent decode better" in text
     assert "| structured | PSNR ↑ | 22.00 ± 0.10 | 23.00 ± 0.10 | 24.00 ± 0.10 | 25.00 ± 0.10 |" in text
+    assert ("**Reproduces.** kodak24@256: dropping channels costs the structured latent less than the unstructured "
+            "one (each model's PSNR at k minus its own PSNR at C = 128, per seed, structured vs plain: k=16: "
+            "-3.00 ± 0.00 vs -13.10 ± 0.00 dB (better)") in text
     assert "**Reproduces.** kodak24@256: at full C = 128 the mask costs little" in text  # 0.1 dB: resolved, small
     assert "**Reproduces.** structured+augmented converges faster than structured: final gFID better" in text
     assert "1000 steps per training run" in text
@@ -189,6 +192,10 @@ def test_verdict_rule_uses_the_seed_spread():
     assert report.overall([1, report.SPREAD]) is True and report.overall([1, -1]) is None
     assert report.overall([report.SPREAD, report.BIAS]) == report.SPREAD
     assert report.overall([1, report.FEW_SEEDS]) == report.FEW_SEEDS
+    # per-seed values that are not one spec's metric (a drop between two specs): the same rule
+    assert report.compare_groups([0.1, -0.1, 0.0], [-1.6, -3.9, -0.1]) == report.SPREAD  # 1.9 gap, 1.9 spread
+    assert report.compare_groups([0.1, -0.1, 0.0], [-1.6, -2.0, -1.8]) == 1
+    assert report.compare_groups([0.0, 0.1], [-5.0, -5.1]) == report.FEW_SEEDS
 
 
 def report_keys() -> list[str]:
