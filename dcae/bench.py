@@ -54,6 +54,11 @@ def layouts_markers(isa: str) -> tuple[str, str]:
     return f"<!-- BEGIN dcae bench ae --layouts {isa} -->", f"<!-- END dcae bench ae --layouts {isa} -->"
 
 
+def compile_markers(isa: str) -> tuple[str, str]:
+    """The markers of the `--compile` table of one ISA in docs/speed.md (compiled rows beside eager ones)."""
+    return f"<!-- BEGIN dcae bench ae --compile {isa} -->", f"<!-- END dcae bench ae --compile {isa} -->"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="dc-ae-f32c32-in-1.0", help="model preset (random weights)")
     parser.add_argument("--model", help="a checkpoint to use instead of random weights")
@@ -459,7 +464,8 @@ def run(args: argparse.Namespace) -> int:
         case_load[str(resolution)] = _load_average()
     result = write_result(complete=True)
     if args.md:
-        begin, end = layouts_markers(result["cpu_isa"]) if args.layouts else (MD_BEGIN, MD_END)
+        begin, end = (layouts_markers(result["cpu_isa"]) if args.layouts else
+                      compile_markers(result["cpu_isa"]) if args.compile else (MD_BEGIN, MD_END))
         write_markdown(Path(args.md), markdown(result), begin, end)
     print(f"total {result['total_seconds']:.0f} s (" + ", ".join(f"{r} px {s:.0f} s" for r, s in case_seconds.items())
           + ")", flush=True)

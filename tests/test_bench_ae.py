@@ -13,6 +13,7 @@ from dcae.bench import (
     MD_BEGIN,
     MD_END,
     bench_dtypes,
+    compile_markers,
     layouts_markers,
     markdown,
     paired_ratio,
@@ -152,9 +153,14 @@ def test_bench_ae_compile_adds_compiled_rows_beside_eager_ones(tmp_path, monkeyp
     """--compile times a compiled copy next to the eager model in the same rounds (torch.compile stubbed out here: a
     real compile takes a minute even for the tiny preset); dcae fp32's ratios stay relative to the eager row."""
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
-    out = tmp_path / "bench.json"
+    out, md = tmp_path / "bench.json", tmp_path / "speed.md"
+    begin, end = compile_markers(dcae.runtime.cpu_isa())
+    md.write_text(f"{MD_BEGIN}\nmain table\n{MD_END}\n{begin}\nold\n{end}\n")
     assert main(["bench", "ae", "--preset", "dc-ae-tiny-f32c32", "--resolution", "64", "--repeats", "1",
-                 "--dtype", "fp32", "--ops", "encode", "--compare", "none", "--compile", "--json", str(out)]) == 0
+                 "--dtype", "fp32", "--ops", "encode", "--compare", "none", "--compile", "--json", str(out),
+                 "--md", str(md)]) == 0
+    text = md.read_text()  # its own table, between this ISA's --compile markers; the main table is left alone
+    assert "main table" in text and "\nold\n" not in text and markdown(json.loads(out.read_text())) in text
     rows = {r["compiled"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {False, True} and rows[False]["ratio_vs_dcae_fp32"] == 1.0
     assert rows[True]["ratio_vs_dcae_fp32"] == pytest.approx(rows[True]["images_per_s"] / rows[False]["images_per_s"])
