@@ -737,6 +737,10 @@ def render_augmented(results: dict[str, Any], figure: Path) -> tuple[list[str], 
         ok = overall([last, mean])
         verdicts.append(verdict(ok, f"{a} converges faster than {b}: final gFID {word(last)} ({last_text}), mean "
                                     f"gFID over the checkpoints {word(mean)} ({mean_text}).", seeds))
+    verdicts.append("- Only structured+augmented vs structured isolates the objective: those two arms share one "
+                    "autoencoder and one latent cache. Any comparison with unstructured also compares two "
+                    "autoencoders (study 5's seed-0 runs), whose own reconstruction quality bounds the gFID their "
+                    "samples can reach.")
     verdicts.append("- The training losses of arms on different latents are not comparable (different targets); "
                     "the structured arms share one latent, so their full-objective losses are.")
     return lines, verdicts
