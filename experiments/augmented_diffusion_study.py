@@ -1,6 +1,6 @@
 """Study 6: does DC-AE 1.5's structured latent, with augmented diffusion training, make a DiT converge faster?
 
-    python -m experiments.augmented_diffusion_study --steps 400 --seeds 0 1 2
+    python -m experiments.augmented_diffusion_study --steps 4000 --points 4 --seeds 0 1 2
 
 Paper (DC-AE 1.5, arXiv 2508.00413): a c128 latent reconstructs better than a c32 one but its diffusion model
 converges slower; structuring the latent (front channels = object structure) and adding diffusion objectives on the
@@ -158,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="study 5's results (its seed-0 runs are the autoencoders)")
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=DEFAULT_ARMS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per run (equal for every arm)")
-    parser.add_argument("--points", type=int, default=2, help="checkpoints scored by gFID per run")
+    parser.add_argument("--steps", type=int, default=4000, help="optimizer steps per run (equal for every arm)")
+    parser.add_argument("--points", type=int, default=4, help="checkpoints scored by gFID per run")
     parser.add_argument("--resolution", type=int, default=128, help="image side (f32: 4x4 latents at 128)")
     parser.add_argument("--preset", default="DiT-S/1")
     parser.add_argument("--override", nargs="*", default=["model.depth=4", "model.hidden_size=128", "model.num_heads=2"],

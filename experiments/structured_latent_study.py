@@ -1,7 +1,7 @@
 """Study 5: does DC-AE 1.5's structured-latent training make every channel prefix decode, at little cost at full C?
 
-    python -m experiments.structured_latent_study --budget-min 3 --seeds 0 1 2 --resolution 64 \
-        --eval-resolution 128 --no-rfid
+    OMP_NUM_THREADS=1 python -m experiments.structured_latent_study --budget-min 24 --seeds 0 1 2 --resolution 64 \
+        --eval-resolution 128 --no-rfid --parallel
 
 Paper (DC-AE 1.5, arXiv 2508.00413): training the autoencoder with a random channel mask on its latent (keep the
 first c' channels, zero the rest; c' drawn each iteration) puts object structure in the front channels and detail in
