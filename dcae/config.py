@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -16,6 +17,16 @@ from dcae.errors import DCAEError
 
 class ConfigError(DCAEError, ValueError):
     """A config that does not fit its dataclass: a user error (one line in the CLI) and a ValueError for callers."""
+
+
+def is_integer(value: Any, low: int = 0, high: int = 2 ** 62) -> bool:
+    """An int (not a bool) in [low, high]: the range check of a config or file field."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def is_finite_number(value: Any, low: float = -math.inf) -> bool:
+    """An int or float (not a bool), finite and >= low."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from dcae.config import config_to_dict
+from dcae.config import config_to_dict, is_finite_number
 from dcae.errors import DCAEError, first_line, printable, write_failure
 from dcae.runtime import hardware_record, resolve_device, resolve_dtype
 from dcae.tensorboard import TensorBoardLogger
@@ -179,9 +179,7 @@ def lr_at(step: int, optim: OptimConfig) -> float:
 
 def check_optim(optim: OptimConfig, prefix: str = "optim") -> None:
     """Values AdamW refuses (a ValueError deep in a run) or trains garbage with (NaN): one line naming the key."""
-    def number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
+    number = is_finite_number
     betas = optim.betas if isinstance(optim.betas, (tuple, list)) else ()
     for name, ok, expected in (
             ("lr", number(optim.lr) and optim.lr >= 0, "a finite number >= 0"),

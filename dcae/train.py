@@ -35,7 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 
 from dcae.config import apply_overrides as config_overrides
-from dcae.config import config_from_dict, config_to_dict
+from dcae.config import config_from_dict, config_to_dict, is_finite_number, is_integer
 from dcae.data import DataConfig, TrainStream, load_validation_images
 from dcae.errors import DCAEError
 from dcae.losses import GAN_LOSSES, GANConfig, GANLoss, ReconstructionLoss
@@ -181,16 +181,12 @@ def check_config(config: TrainConfig) -> None:
 
 def check_gan(gan: GANConfig) -> None:
     """phase.gan: every field the discriminator, its loss or its AdamW would refuse later with a traceback."""
-    def number(value: Any, low: float) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low
-
-    def integer(value: Any, low: int, high: int) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
+    number, integer = is_finite_number, is_integer
     checks = (("loss", gan.loss in GAN_LOSSES, f"one of {', '.join(GAN_LOSSES)}"),
               ("norm", gan.norm in ("group", "batch"), "group or batch"),
               ("weight", number(gan.weight, 0), "a finite number >= 0"),
-              ("disc_lr", gan.disc_lr is None or number(gan.disc_lr, 0), "a finite number >= 0 (or null: the phase's lr)"),
+              ("disc_lr", gan.disc_lr is None or number(gan.disc_lr, 0),
+               "a finite number >= 0 (or null: the phase's lr)"),
               ("disc_warmup_steps", integer(gan.disc_warmup_steps, 0, 2 ** 62), "an integer >= 0"),
               ("n_layers", integer(gan.n_layers, 1, 8), "an integer from 1 to 8"),
               ("ndf", integer(gan.ndf, 1, 4096) and (gan.norm != "group" or gan.ndf % 32 == 0),
@@ -478,8 +474,9 @@ class Trainer:
         self.gan: GANLoss | None = None
         if self.phase.use_gan:
             self.gan = GANLoss(self.phase.gan).to(d.device).train()
+            disc_lr = self.phase.gan.disc_lr
             self.disc_optimizer = torch.optim.AdamW(
-                self.gan.discriminator.parameters(), lr=self.phase.optim.lr if self.phase.gan.disc_lr is None else self.phase.gan.disc_lr,
+                self.gan.discriminator.parameters(), lr=self.phase.optim.lr if disc_lr is None else disc_lr,
                 betas=tuple(self.phase.optim.betas), weight_decay=0.0)
             self.ddp_disc = wrap_ddp(self.gan.discriminator, d)
             self.last_layer = last_decoder_layer(self.model)

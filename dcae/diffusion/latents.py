@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from dcae.config import is_integer
 from dcae.errors import DCAEError, first_line
 from dcae.files import atomic_write, atomic_write_text
 from dcae.images import find_images, read_image, to_model_range
@@ -129,21 +130,17 @@ def read_index(directory: str | os.PathLike) -> dict[str, Any]:
     return index
 
 
-def _is_int(value: Any, low: int = 0, high: int = 2**62) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
 def _index_problem(index: dict[str, Any]) -> str | None:
     """What is wrong with a parsed index (types, ranges, shard names, counts), or None."""
     shape = index.get("latent_shape")
-    if not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(v, 1, 2**20) for v in shape)):
+    if not (isinstance(shape, list) and len(shape) == 3 and all(is_integer(v, 1, 2**20) for v in shape)):
         return "latent_shape must be three positive integers"
-    if not _is_int(index.get("count")) or not _is_int(index.get("shard_size"), 1):
+    if not is_integer(index.get("count")) or not is_integer(index.get("shard_size"), 1):
         return "count and shard_size must be non-negative integers (shard_size positive)"
     if not isinstance(index.get("dtype"), str) or index["dtype"] not in STORAGE_DTYPES or \
             not isinstance(index.get("flip"), bool):
         return f"dtype must be one of {', '.join(STORAGE_DTYPES)} and flip a boolean"
-    if not _is_int(index.get("resolution"), 1, 2**20):
+    if not is_integer(index.get("resolution"), 1, 2**20):
         return "resolution must be a positive integer"
     names = index.get("class_names")
     if not (isinstance(names, list) and all(isinstance(n, str) for n in names)) or \
@@ -151,7 +148,7 @@ def _index_problem(index: dict[str, Any]) -> str | None:
         return "class_names must be a list of strings and num_classes its length"
     labels = index.get("labels")
     if not (isinstance(labels, list) and len(labels) == index["count"]
-            and all(_is_int(v, 0, max(len(names) - 1, 0)) for v in labels)):
+            and all(is_integer(v, 0, max(len(names) - 1, 0)) for v in labels)):
         return "labels must hold one class number in [0, num_classes) per image"
     files = index.get("files")
     if not (isinstance(files, list) and len(files) == index["count"] and all(isinstance(f, str) for f in files)):

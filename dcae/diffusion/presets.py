@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
-from dcae.config import config_from_dict
+from dcae.config import config_from_dict, is_finite_number, is_integer
 from dcae.diffusion.dit import DiT, DiT_models, DiTConfig
 from dcae.diffusion.uvit import UViT, UViT_models, UViTConfig
 from dcae.errors import DCAEError
@@ -58,7 +57,7 @@ def check_model_config(m: ModelConfig, prefix: str = "model") -> None:
     """Every architecture field in range, as a one-line DCAEError naming the key (`prefix.field=value`)."""
     for name, high in MODEL_LIMITS.items():
         value, low = getattr(m, name), 0 if name == "num_classes" else 1
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        if not is_integer(value, low, high):
             raise DCAEError(f"{prefix}.{name}={value!r}: expected an integer from {low} to {high}")
     if m.hidden_size % 4:
         raise DCAEError(f"{prefix}.hidden_size={m.hidden_size}: must be a multiple of 4 (the 2-D sin-cos position "
@@ -67,7 +66,7 @@ def check_model_config(m: ModelConfig, prefix: str = "model") -> None:
         raise DCAEError(f"{prefix}.hidden_size={m.hidden_size} does not split into "
                         f"{prefix}.num_heads={m.num_heads} heads")
     ratio = m.mlp_ratio
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (math.isfinite(ratio) and 0 < ratio <= 64):
+    if not (is_finite_number(ratio) and 0 < ratio <= 64):
         raise DCAEError(f"{prefix}.mlp_ratio={ratio!r}: expected a number in (0, 64]")
     if int(m.hidden_size * ratio) < 1:
         raise DCAEError(f"{prefix}.mlp_ratio={ratio}: the MLP of width {m.hidden_size} would have no hidden units")

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from dcae.config import apply_overrides as config_overrides
-from dcae.config import config_from_dict, config_to_dict
+from dcae.config import config_from_dict, config_to_dict, is_finite_number
 from dcae.diffusion.augment import Augment, prefix_sizes, step_loss
 from dcae.diffusion.latents import LatentCache, estimate_scaling_factor, load_latent_cache, read_index
 from dcae.diffusion.objectives import OBJECTIVES, get_objective
@@ -401,8 +401,7 @@ def check_info(info: dict[str, Any], m: ModelConfig, where: str) -> None:
               ("cache_latent_shape", isinstance(cached, list) and len(cached) == 3
                and all(isinstance(v, int) and not isinstance(v, bool) for v in cached) and cached[0] >= m.in_channels
                and cached[1:] == [m.input_size, m.input_size]),
-              ("scaling_factor", isinstance(scale, (int, float)) and not isinstance(scale, bool)
-               and math.isfinite(scale) and scale > 0),
+              ("scaling_factor", is_finite_number(scale) and scale > 0),
               ("class_names", isinstance(info.get("class_names"), list)
                and all(isinstance(c, str) for c in info["class_names"])),
               ("autoencoder", isinstance(info.get("autoencoder"), dict)),
